@@ -1,0 +1,290 @@
+"""The FinetuneJob API (kubetune.io/v1alpha1): spec and status as pydantic models.
+
+The training part of the spec is the trainer's own contract (``kubetune_trainer.config``), so
+the CRD, the operator and the trainer cannot drift apart. ``crds/finetunejob.yaml`` is generated
+from these models by ``kubetune_operator.crdgen``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
+
+from kubetune_trainer.config import (
+    K8S_NAME_PATTERN,
+    RECIPE_RULES,
+    ApiModel,
+    Optimizer,
+    Precision,
+    TrainingRecipe,
+    cel,
+    validations,
+)
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+KIND = "FinetuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+Quantity = Annotated[str, Field(max_length=32, pattern=QUANTITY_PATTERN)]
+ShortString = Annotated[str, Field(max_length=253)]
+
+
+SPEC_MESSAGES = {
+    "multinode": "spec.resources.nodes > 1 needs spec.resources.gpus > 0: multi-node training runs on GPUs",
+    "fp16": "spec.training.precision fp16 needs GPUs: use auto or fp32 when spec.resources.gpus is 0",
+    "paged": "spec.training.optimizer: paged optimizers need GPUs; use adamw when spec.resources.gpus is 0",
+}
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration, as in a Pod spec."""
+
+    key: str | None = Field(default=None, max_length=253, description="Taint key the toleration applies to; empty with operator Exists matches all keys.")
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal (key and value must match).")
+    value: str | None = Field(default=None, max_length=253, description="Taint value to match with operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(default=None, description="Taint effect to match; empty matches all effects.")
+    toleration_seconds: int | None = Field(default=None, ge=0, description="How long a NoExecute taint is tolerated.")
+
+
+class NodeSelectorRequirement(ApiModel):
+    """A node label requirement."""
+
+    key: str = Field(max_length=253, description="Node label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"] = Field(description="Relation between the label and values.")
+    values: list[ShortString] = Field(default_factory=list, max_length=64, description="Values for In/NotIn (any) and Gt/Lt (one integer).")
+
+
+class NodeSelectorTerm(ApiModel):
+    """Requirements that must all hold (AND)."""
+
+    match_expressions: list[NodeSelectorRequirement] = Field(max_length=32, description="Label requirements, all of which must match.")
+
+
+class RequiredNodeAffinity(ApiModel):
+    """Hard node constraints."""
+
+    node_selector_terms: list[NodeSelectorTerm] = Field(min_length=1, max_length=16, description="Terms of which at least one must match (OR).")
+
+
+class PreferredNodeTerm(ApiModel):
+    """A weighted soft node preference."""
+
+    weight: int = Field(ge=1, le=100, description="Weight of this preference, 1-100.")
+    preference: NodeSelectorTerm = Field(description="The preferred node labels.")
+
+
+class NodeAffinity(ApiModel):
+    """Node affinity, as in a Pod spec."""
+
+    required_during_scheduling_ignored_during_execution: RequiredNodeAffinity | None = Field(default=None, description="Nodes the trainer pods must run on.")
+    preferred_during_scheduling_ignored_during_execution: list[PreferredNodeTerm] = Field(
+        default_factory=list, max_length=16, description="Nodes the trainer pods prefer."
+    )
+
+
+class Affinity(ApiModel):
+    """Scheduling affinity of the trainer pods."""
+
+    node_affinity: NodeAffinity | None = Field(default=None, description="Node affinity of the trainer pods.")
+
+
+class ResourcesSpec(ApiModel):
+    """Where and on how much hardware the trainer runs."""
+
+    model_config = ConfigDict(json_schema_extra=validations(cel("self.nodes == 1 || self.gpus > 0", SPEC_MESSAGES["multinode"])))
+
+    gpus: int = Field(default=1, ge=0, le=64, description="GPUs per node (pod). 0 runs a CPU-only trainer (tests and demos).")
+    nodes: int = Field(default=1, ge=1, le=256, description="Number of nodes; above 1 the trainer runs as an Indexed Job with one pod per node.")
+    gpu_resource_name: str = Field(
+        default="nvidia.com/gpu",
+        max_length=253,
+        pattern=r"^[a-z0-9.\-]+/[a-z0-9.\-]+$",
+        description="Extended resource name of the GPUs, for example nvidia.com/gpu or amd.com/gpu.",
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request and limit per pod, for example '8' or '500m'.")
+    memory: Quantity | None = Field(default=None, description="Memory request and limit per pod, for example '64Gi'.")
+    shm_size: Quantity = Field(default="8Gi", description="Size of the memory-backed /dev/shm used by data loaders and NCCL.")
+    node_selector: dict[str, ShortString] = Field(
+        default_factory=dict,
+        json_schema_extra={"maxProperties": 32},
+        description="Node labels the trainer pods must match.",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Extra tolerations. The GPU taint (<gpuResourceName>:NoSchedule) is tolerated automatically when gpus > 0.",
+    )
+    affinity: Affinity | None = Field(default=None, description="Node affinity of the trainer pods.")
+    priority_class_name: str | None = Field(default=None, max_length=253, pattern=K8S_NAME_PATTERN, description="PriorityClass of the trainer pods.")
+    image: str | None = Field(default=None, max_length=1024, description="Trainer image to use instead of the operator's default.")
+
+
+IMMUTABLE_FIELDS = ("model", "dataset", "method", "lora", "quantization", "training", "output", "resources", "queueName")
+"""Spec fields that cannot change after creation; suspend and lifecycle limits may."""
+
+
+def _unchanged(field: str) -> str:
+    return f"(has(self.{field}) == has(oldSelf.{field})) && (!has(self.{field}) || self.{field} == oldSelf.{field})"
+
+
+SPEC_RULES: list[JsonDict] = [
+    *RECIPE_RULES,
+    cel("self.resources.gpus > 0 || self.training.precision != 'fp16'", SPEC_MESSAGES["fp16"]),
+    cel("self.resources.gpus > 0 || !(self.training.optimizer in ['paged_adamw_8bit', 'paged_adamw'])", SPEC_MESSAGES["paged"]),
+    cel(
+        " && ".join(_unchanged(f) for f in IMMUTABLE_FIELDS),
+        "spec is immutable except suspend, backoffLimit, activeDeadlineSeconds and ttlSecondsAfterFinished: "
+        "delete and recreate the FinetuneJob to change what it trains",
+        reason="FieldValueForbidden",
+    ),
+]
+
+
+class FinetuneJobSpec(TrainingRecipe):
+    """Desired state of a FinetuneJob: what to train, on what hardware, and its lifecycle."""
+
+    model_config = ConfigDict(json_schema_extra=validations(*SPEC_RULES))
+
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Hardware and scheduling of the trainer pods.")
+    suspend: bool = Field(default=False, description="Pause the job: running trainer pods checkpoint and stop; unsuspend resumes from the checkpoint.")
+    backoff_limit: int = Field(default=3, ge=0, le=100, description="Retries of the trainer after runtime failures (configuration errors are never retried).")
+    active_deadline_seconds: int | None = Field(default=None, ge=60, description="Fail the job when it runs longer than this.")
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the finished trainer Job (not the FinetuneJob) after this many seconds."
+    )
+    queue_name: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=K8S_NAME_PATTERN,
+        description="Kueue LocalQueue to submit the trainer Job to; Kueue then decides when it starts.",
+    )
+
+    @model_validator(mode="after")
+    def _check_hardware(self) -> FinetuneJobSpec:
+        errors = spec_errors(self)
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+
+def spec_errors(spec: FinetuneJobSpec) -> list[str]:
+    """Python twins of the hardware rules in SPEC_RULES, for specs that did not pass the apiserver."""
+    errors: list[str] = []
+    if spec.resources.nodes > 1 and spec.resources.gpus == 0:
+        errors.append(SPEC_MESSAGES["multinode"])
+    if spec.resources.gpus == 0 and spec.training.precision is Precision.FP16:
+        errors.append(SPEC_MESSAGES["fp16"])
+    if spec.resources.gpus == 0 and spec.training.optimizer in (Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT):
+        errors.append(SPEC_MESSAGES["paged"])
+    return errors
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class Condition(ApiModel):
+    """A Kubernetes-style condition."""
+
+    type: str = Field(max_length=316, description="Condition type, for example Ready, Running, Succeeded, Failed, Suspended.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", description="CamelCase reason for the last transition.")
+    message: str = Field(default="", max_length=32768, description="Human-readable detail, including what to do.")
+    last_transition_time: datetime = Field(description="When status last changed.")
+    observed_generation: int | None = Field(default=None, ge=0, description="metadata.generation the condition was computed from.")
+
+
+class Progress(ApiModel):
+    """Live training progress, read from the trainer's metrics."""
+
+    step: int = Field(default=0, ge=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, ge=0, description="Optimizer steps planned.")
+    epoch: float | None = Field(default=None, description="Fractional epoch reached.")
+    percent: int = Field(default=0, ge=0, le=100, description="Completion in percent.")
+    loss: float | None = Field(default=None, description="Latest training loss.")
+    eval_loss: float | None = Field(default=None, description="Latest evaluation loss.")
+    learning_rate: float | None = Field(default=None, description="Current learning rate.")
+    tokens_per_second: float | None = Field(default=None, description="Training throughput, all workers together.")
+    eta_seconds: int | None = Field(default=None, ge=0, description="Estimated seconds to completion.")
+    last_update_time: datetime | None = Field(default=None, description="When these figures were read.")
+
+
+class CheckpointRef(ApiModel):
+    """The newest complete checkpoint."""
+
+    step: int = Field(ge=0, description="Step the checkpoint was taken at.")
+    uri: str = Field(max_length=2048, description="s3:// URI of the checkpoint folder.")
+    time: datetime | None = Field(default=None, description="When it was uploaded.")
+
+
+class Result(ApiModel):
+    """The published adapter."""
+
+    adapter_uri: str = Field(max_length=2048, description="s3:// URI of the adapter folder (manifest.json inside lists every file).")
+    manifest_sha256: str | None = Field(default=None, max_length=64, description="sha256 of manifest.json.")
+    size_bytes: int | None = Field(default=None, ge=0, description="Total size of the adapter files.")
+    final_loss: float | None = Field(default=None, description="Training loss at the last step.")
+    steps: int | None = Field(default=None, ge=0, description="Optimizer steps run.")
+    tokens: int | None = Field(default=None, ge=0, description="Tokens trained on.")
+    duration_seconds: float | None = Field(default=None, ge=0, description="Wall time of the final attempt.")
+    peak_memory_bytes: int | None = Field(default=None, ge=0, description="Peak accelerator (or CPU resident) memory of rank 0.")
+
+
+class FinetuneJobStatus(ApiModel):
+    """Observed state of a FinetuneJob, computed from its trainer Job, pods and metrics."""
+
+    phase: Phase = Field(default=Phase.PENDING, description="Pending, Running, Suspended, Succeeded or Failed.")
+    conditions: list[Condition] = Field(default_factory=list, max_length=16, description="Kubernetes-style conditions.")
+    progress: Progress | None = Field(default=None, description="Live training progress.")
+    last_checkpoint: CheckpointRef | None = Field(default=None, description="Newest complete checkpoint.")
+    result: Result | None = Field(default=None, description="The published adapter, once Succeeded.")
+    job_name: str | None = Field(default=None, max_length=253, description="Name of the trainer Job.")
+    start_time: datetime | None = Field(default=None, description="When the trainer first started.")
+    completion_time: datetime | None = Field(default=None, description="When the FinetuneJob finished.")
+    attempts: int = Field(default=0, ge=0, description="Trainer pod attempts so far (1 + retries).")
+    observed_generation: int | None = Field(default=None, ge=0, description="metadata.generation this status reflects.")
+    message: str | None = Field(default=None, max_length=32768, description="What is happening now, or why it failed and what to do.")
+
+
+class ObjectMeta(ApiModel):
+    """The subset of metadata the operator reads."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = ""
+    namespace: str = "default"
+    uid: str = ""
+    generation: int = 0
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    resource_version: str | None = None
+
+
+class FinetuneJob(ApiModel):
+    """A FinetuneJob object as read from the apiserver."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: str = API_VERSION
+    kind: str = KIND
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: FinetuneJobSpec
+    status: FinetuneJobStatus | None = None
+
+    @classmethod
+    def from_body(cls, body: Any) -> FinetuneJob:
+        """Parse a (kopf) body; raises pydantic.ValidationError for specs the apiserver could not reject."""
+        return cls.model_validate(dict(body))

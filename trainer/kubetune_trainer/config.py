@@ -1,0 +1,482 @@
+"""The trainer's input contract: what to fine-tune, on what data, how, and where the result goes.
+
+These models are the single source of truth for the training part of the FinetuneJob API: the
+operator embeds them in the FinetuneJob spec (and so in the generated CRD), and renders a
+``TrainerConfig`` into the ConfigMap the trainer reads. Field descriptions become the CRD's
+``kubectl explain`` text. This module imports neither torch nor kopf.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict, JsonValue
+
+S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
+K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+ALL_LINEAR = "all-linear"
+
+
+def cel(rule: str, message: str, **extra: str) -> JsonDict:
+    """One ``x-kubernetes-validations`` entry: a CEL rule and the message a user sees when it fails."""
+    return {"rule": rule, "message": message, **extra}
+
+
+def validations(*rules: JsonDict) -> JsonDict:
+    """Schema extra carrying CEL rules; the CRD generator keeps them where the field or model lands."""
+    items: list[JsonValue] = list(rules)
+    return {"x-kubernetes-validations": items}
+
+
+class ApiModel(BaseModel):
+    """Base for API objects: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_attribute_docstrings=False,
+    )
+
+    def to_api(self) -> dict[str, Any]:
+        """The object as it appears in YAML/JSON: camelCase keys, unset optionals omitted."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class SecretKeyRef(ApiModel):
+    """A key in a Secret in the FinetuneJob's namespace."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=K8S_NAME_PATTERN,
+        description="Name of the Secret, in the FinetuneJob's namespace.",
+    )
+    key: str = Field(
+        min_length=1,
+        max_length=253,
+        description="Key inside the Secret whose value is used.",
+    )
+
+
+class S3CredentialsRef(ApiModel):
+    """A Secret holding S3 credentials; the values reach the trainer only as environment variables."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=K8S_NAME_PATTERN,
+        description="Name of the Secret holding the S3 access key pair, in the FinetuneJob's namespace.",
+    )
+    access_key_id_key: str = Field(
+        default="AWS_ACCESS_KEY_ID",
+        max_length=253,
+        description="Key in the Secret that holds the access key id.",
+    )
+    secret_access_key_key: str = Field(
+        default="AWS_SECRET_ACCESS_KEY",
+        max_length=253,
+        description="Key in the Secret that holds the secret access key.",
+    )
+
+
+class ModelSpec(ApiModel):
+    """The base model to fine-tune."""
+
+    source: str = Field(
+        min_length=1,
+        max_length=1024,
+        description=(
+            "Where the base model comes from: a Hugging Face model id such as "
+            "'meta-llama/Llama-3.1-8B', an 's3://bucket/prefix/' holding a saved model (read with "
+            "spec.output's endpoint and credentials), or an absolute local path (for example a "
+            "mounted PVC, see cacheVolumeClaim)."
+        ),
+        json_schema_extra=validations(
+            cel(
+                "!self.startsWith('s3://') || self.matches('" + S3_URI_PATTERN + "')",
+                "spec.model.source: an s3:// source must look like s3://bucket/prefix",
+            )
+        ),
+    )
+    revision: str | None = Field(
+        default=None,
+        max_length=256,
+        description="Git revision (branch, tag or commit) of a Hugging Face model. Pin a commit for reproducible runs.",
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding a Hugging Face token, for gated or private models. Passed to the trainer as HF_TOKEN.",
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Allow model code shipped with the model repository to run. Leave false unless you trust its authors.",
+    )
+    cache_volume_claim: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=K8S_NAME_PATTERN,
+        description="Name of a PersistentVolumeClaim mounted at /models and used as the model download cache, so restarts do not download again.",
+    )
+
+
+class DatasetFormat(StrEnum):
+    TEXT = "text"
+    INSTRUCTION = "instruction"
+    CHAT = "chat"
+
+
+class InstructionFormat(ApiModel):
+    """How instruction records (prompt and response fields) become training text."""
+
+    prompt_field: str = Field(default="prompt", max_length=128, description="Record field holding the instruction or prompt.")
+    response_field: str = Field(default="response", max_length=128, description="Record field holding the expected answer.")
+    system_field: str | None = Field(default=None, max_length=128, description="Optional record field holding a system prompt.")
+    template: str = Field(
+        default="{system}### Instruction:\n{prompt}\n\n### Response:\n",
+        max_length=4096,
+        description=(
+            "Prompt template with the placeholders {prompt} and {system} (empty when absent). The "
+            "response follows it; loss is computed on the response tokens only."
+        ),
+    )
+
+
+class ChatFormat(ApiModel):
+    """How chat records (a list of role/content messages) become training text."""
+
+    messages_field: str = Field(default="messages", max_length=128, description="Record field holding the list of {role, content} messages.")
+
+
+class EvalSpec(ApiModel):
+    """The evaluation set: a share of the training data, or a separate source."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.ratio) != has(self.source)",
+                "spec.dataset.eval: set exactly one of ratio (a share of the training data) or source (a separate dataset)",
+            )
+        )
+    )
+
+    ratio: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="Share of the training records held out for evaluation, between 0 and 1 (for example 0.05).",
+    )
+    source: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="A separate evaluation dataset, in the same forms as spec.dataset.source.",
+    )
+    split: str = Field(default="validation", max_length=128, description="Split of a Hugging Face evaluation source.")
+
+
+class DatasetSpec(ApiModel):
+    """The training data and how records become token sequences."""
+
+    source: str = Field(
+        min_length=1,
+        max_length=1024,
+        description=(
+            "Where the data comes from: a Hugging Face dataset id, an s3:// object or prefix of "
+            "jsonl/json/parquet/csv files (read with spec.output's endpoint and credentials), or an "
+            "absolute local path to such a file or folder."
+        ),
+        json_schema_extra=validations(
+            cel(
+                "!self.startsWith('s3://') || self.matches('" + S3_URI_PATTERN + "')",
+                "spec.dataset.source: an s3:// source must look like s3://bucket/key-or-prefix",
+            )
+        ),
+    )
+    config: str | None = Field(default=None, max_length=256, description="Configuration (subset) name of a Hugging Face dataset.")
+    split: str = Field(default="train", max_length=128, description="Split of a Hugging Face dataset used for training.")
+    file_format: Literal["jsonl", "json", "parquet", "csv"] | None = Field(
+        default=None,
+        description="File format of s3:// or local files. Inferred from the file extension when unset.",
+    )
+    format: DatasetFormat = Field(
+        default=DatasetFormat.TEXT,
+        description=(
+            "How records are read: 'text' (one text field), 'instruction' (prompt/response fields and a "
+            "template; loss on the response only) or 'chat' (a messages list rendered with the tokenizer's "
+            "chat template; loss on assistant turns only)."
+        ),
+    )
+    text_field: str = Field(default="text", max_length=128, description="Record field holding the text, for format 'text'.")
+    instruction: InstructionFormat = Field(
+        default_factory=InstructionFormat,
+        description="Field names and template for format 'instruction'.",
+    )
+    chat: ChatFormat = Field(default_factory=ChatFormat, description="Field names for format 'chat'.")
+    eval: EvalSpec | None = Field(default=None, description="Evaluation set. Without it no evaluation runs.")
+    max_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="Use at most this many training records (taken after shuffling with the training seed).",
+    )
+    packing: bool = Field(
+        default=True,
+        description=(
+            "Pack several records into each sequence of maxSeqLength tokens for throughput. Records do "
+            "not attend to each other: positions restart at each record boundary."
+        ),
+    )
+    max_seq_length: int = Field(
+        default=2048,
+        ge=16,
+        le=131072,
+        description="Maximum tokens per training sequence; longer records are truncated.",
+    )
+
+
+class LoraBias(StrEnum):
+    NONE = "none"
+    ALL = "all"
+    LORA_ONLY = "lora_only"
+
+
+class LoraSpec(ApiModel):
+    """Low-rank adapter settings (peft LoraConfig)."""
+
+    r: int = Field(default=16, ge=1, le=1024, description="Rank of the adapter matrices.")
+    alpha: int = Field(default=32, ge=1, le=4096, description="Scaling numerator: updates are scaled by alpha/r.")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout applied to the adapter input during training.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=lambda: [ALL_LINEAR],
+        min_length=1,
+        max_length=64,
+        description=(
+            "Module names that get adapters, for example ['q_proj', 'v_proj'], or ['all-linear'] for "
+            "every linear layer except the output head. Unknown names fail the job with the model's list of linear layers."
+        ),
+    )
+    bias: LoraBias = Field(default=LoraBias.NONE, description="Which biases are trained: none, all, or lora_only.")
+    use_rslora: bool = Field(default=False, description="Use rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.")
+
+
+class QuantType(StrEnum):
+    NF4 = "nf4"
+    FP4 = "fp4"
+
+
+class ComputeDtype(StrEnum):
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
+class QuantizationSpec(ApiModel):
+    """Quantization of the frozen base model for QLoRA (bitsandbytes)."""
+
+    bits: Literal[4, 8] = Field(default=4, description="Bits per base-model weight: 4 (QLoRA) or 8 (LLM.int8).")
+    type: QuantType = Field(default=QuantType.NF4, description="4-bit data type: nf4 (normal float, recommended) or fp4.")
+    double_quant: bool = Field(default=True, description="Quantize the quantization constants too, saving about 0.4 bits per weight.")
+    compute_dtype: ComputeDtype = Field(
+        default=ComputeDtype.BFLOAT16,
+        description="Data type of matrix products with the dequantized weights. Use float16 on GPUs without bfloat16.",
+    )
+
+
+class Method(StrEnum):
+    LORA = "lora"
+    QLORA = "qlora"
+
+
+class Scheduler(StrEnum):
+    COSINE = "cosine"
+    LINEAR = "linear"
+    CONSTANT = "constant"
+    CONSTANT_WITH_WARMUP = "constant_with_warmup"
+
+
+class Precision(StrEnum):
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class Optimizer(StrEnum):
+    ADAMW = "adamw"
+    ADAMW_8BIT = "adamw_8bit"
+    PAGED_ADAMW_8BIT = "paged_adamw_8bit"
+    PAGED_ADAMW = "paged_adamw"
+    SGD = "sgd"
+
+
+class TrainingSpec(ApiModel):
+    """Optimisation settings. Set exactly one of epochs or maxSteps."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.epochs) != has(self.maxSteps)",
+                "spec.training: set exactly one of epochs or maxSteps",
+            ),
+            cel(
+                "!has(self.warmupSteps) || !has(self.maxSteps) || self.warmupSteps < self.maxSteps",
+                "spec.training.warmupSteps must be smaller than spec.training.maxSteps",
+            ),
+        )
+    )
+
+    epochs: float | None = Field(default=None, gt=0, le=1000, description="Passes over the training data (may be fractional). Exclusive with maxSteps.")
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to run. Exclusive with epochs.")
+    learning_rate: float = Field(default=2e-4, gt=0, le=1, description="Peak learning rate.")
+    scheduler: Scheduler = Field(default=Scheduler.COSINE, description="Learning-rate schedule after warmup.")
+    warmup_steps: int = Field(default=0, ge=0, description="Steps of linear warmup from 0 to the peak learning rate.")
+    per_device_batch_size: int = Field(default=4, ge=1, le=4096, description="Sequences per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=4096, description="Micro-batches accumulated per optimizer step.")
+    gradient_checkpointing: bool = Field(default=True, description="Recompute activations in the backward pass: much less memory, about 30% more compute.")
+    precision: Precision = Field(
+        default=Precision.AUTO,
+        description="Training precision. auto picks bf16 on GPUs that support it, else fp16 on GPUs, and fp32 on CPU.",
+    )
+    optimizer: Optimizer = Field(
+        default=Optimizer.ADAMW,
+        description="Optimizer: adamw, adamw_8bit, paged_adamw_8bit (bitsandbytes; least memory), paged_adamw, or sgd.",
+    )
+    weight_decay: float = Field(default=0.0, ge=0, le=1, description="Decoupled weight decay of the adapter weights.")
+    max_grad_norm: float = Field(default=1.0, ge=0, description="Clip the global gradient norm to this value; 0 disables clipping.")
+    seed: int = Field(default=42, ge=0, description="Seed for initialisation, shuffling and dropout.")
+    checkpoint_every: int = Field(
+        default=100,
+        ge=1,
+        description="Save and upload a resumable checkpoint every this many optimizer steps (and always on SIGTERM).",
+    )
+    eval_every: int | None = Field(default=None, ge=1, description="Evaluate every this many steps; requires spec.dataset.eval.")
+    log_every: int = Field(default=10, ge=1, description="Log progress and update metrics every this many steps.")
+
+
+class OutputSpec(ApiModel):
+    """Where the adapter, checkpoints and manifest are written. The same S3 connection reads s3:// models and datasets."""
+
+    bucket: str = Field(
+        min_length=3,
+        max_length=63,
+        pattern=r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$",
+        description="S3 bucket that receives the adapter and checkpoints.",
+    )
+    prefix: str = Field(
+        default="",
+        max_length=512,
+        pattern=r"^([^/].*)?$",
+        description=("Key prefix inside the bucket, without a leading slash. The run writes <prefix>/<namespace>/<name>/adapter/ and .../checkpoints/step-N/."),
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        max_length=1024,
+        pattern=r"^https?://.+",
+        description="S3 endpoint URL for S3-compatible stores (MinIO, Ceph, GCS interop). Unset means AWS.",
+    )
+    region: str | None = Field(default=None, max_length=64, description="S3 region, for example us-east-1.")
+    credentials_secret: S3CredentialsRef | None = Field(
+        default=None,
+        description="Secret with the S3 access key pair. Unset means the node's or workload identity's credentials.",
+    )
+    merged_model: bool = Field(
+        default=False,
+        description="Also export the base model with the adapter merged in (full size) under .../merged/.",
+    )
+
+
+class RuntimeConfig(ApiModel):
+    """How the operator runs the trainer; filled in by the operator, not part of the FinetuneJob spec."""
+
+    namespace: str = Field(default="default", description="Namespace of the FinetuneJob (a metrics label).")
+    job_name: str = Field(default="local", description="Name of the FinetuneJob (a metrics label and part of S3 keys).")
+    gpus_per_node: int = Field(default=0, ge=0, description="GPUs per node; 0 runs on CPU.")
+    nodes: int = Field(default=1, ge=1, description="Number of nodes (pods) taking part.")
+    metrics_port: int = Field(default=9184, ge=1, le=65535, description="Port of the Prometheus metrics endpoint.")
+    work_dir: str = Field(default="/var/lib/kubetune", description="Scratch directory for caches and local checkpoints.")
+    termination_message_path: str = Field(default="/dev/termination-log", description="File that receives the JSON result.")
+
+
+RECIPE_RULES: list[JsonDict] = [
+    cel(
+        "!has(self.quantization) || self.method == 'qlora'",
+        "spec.quantization is only valid with method: qlora; remove it or set spec.method to qlora",
+    ),
+    cel(
+        "!has(self.training.evalEvery) || has(self.dataset.eval)",
+        "spec.training.evalEvery needs spec.dataset.eval (a ratio or a source)",
+    ),
+]
+"""CEL twins of ``cross_field_errors``, attached to every schema that embeds a recipe."""
+
+
+class TrainingRecipe(ApiModel):
+    """What to train and how: the part of a FinetuneJob spec that the trainer consumes."""
+
+    model_config = ConfigDict(json_schema_extra=validations(*RECIPE_RULES))
+
+    model: ModelSpec = Field(description="The base model to fine-tune.")
+    dataset: DatasetSpec = Field(description="The training data and how records become token sequences.")
+    method: Method = Field(
+        default=Method.LORA,
+        description="lora trains adapters on a bf16/fp16/fp32 base model; qlora quantizes the frozen base model (see quantization).",
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings.")
+    quantization: QuantizationSpec | None = Field(
+        default=None,
+        description="Base-model quantization, only with method qlora. Defaults to 4-bit nf4 with double quantization.",
+    )
+    training: TrainingSpec = Field(description="Optimisation settings.")
+    output: OutputSpec = Field(description="Where the adapter and checkpoints go (S3).")
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> TrainingRecipe:
+        errors = cross_field_errors(self)
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def effective_quantization(self) -> QuantizationSpec | None:
+        """Quantization in force: the given settings for qlora (defaults if unset), none for lora."""
+        if self.method is Method.QLORA:
+            return self.quantization or QuantizationSpec()
+        return None
+
+
+class TrainerConfig(TrainingRecipe):
+    """Everything the trainer needs for one run; rendered by the operator into the job's ConfigMap."""
+
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="How the operator runs the trainer.")
+
+    @property
+    def run_prefix(self) -> str:
+        """S3 key prefix of this run: <prefix>/<namespace>/<name>."""
+        parts = [self.output.prefix.strip("/"), self.runtime.namespace, self.runtime.job_name]
+        return "/".join(p for p in parts if p)
+
+
+def cross_field_errors(config: TrainingRecipe) -> list[str]:
+    """Rules that span fields; the CRD states the same rules in CEL so the apiserver rejects them first."""
+    errors: list[str] = []
+    training = config.training
+    if (training.epochs is None) == (training.max_steps is None):
+        errors.append("spec.training: set exactly one of epochs or maxSteps")
+    if config.quantization is not None and config.method is not Method.QLORA:
+        errors.append("spec.quantization is only valid with method: qlora; remove it or set spec.method to qlora")
+    if training.eval_every is not None and config.dataset.eval is None:
+        errors.append("spec.training.evalEvery needs spec.dataset.eval (a ratio or a source)")
+    if config.dataset.eval is not None and (config.dataset.eval.ratio is None) == (config.dataset.eval.source is None):
+        errors.append("spec.dataset.eval: set exactly one of ratio (a share of the training data) or source (a separate dataset)")
+    return errors
+
+
+def load_trainer_config(path: Path) -> TrainerConfig:
+    """Read a TrainerConfig from a YAML or JSON file."""
+    text = path.read_text(encoding="utf-8")
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    return TrainerConfig.model_validate(data)
