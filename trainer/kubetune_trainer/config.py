@@ -9,12 +9,13 @@ operator embeds them in the FinetuneJob spec (and so in the generated CRD), and 
 from __future__ import annotations
 
 import json
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict, JsonValue
 
@@ -32,6 +33,16 @@ def validations(*rules: JsonDict) -> JsonDict:
     """Schema extra carrying CEL rules; the CRD generator keeps them where the field or model lands."""
     items: list[JsonValue] = list(rules)
     return {"x-kubernetes-validations": items}
+
+
+def check_s3_source(value: str) -> str:
+    """Python twin of the CEL rule on s3:// sources."""
+    if value.startswith("s3://") and not re.match(S3_URI_PATTERN, value):
+        raise ValueError("an s3:// source must look like s3://bucket/prefix")
+    return value
+
+
+Source = Annotated[str, AfterValidator(check_s3_source)]
 
 
 class ApiModel(BaseModel):
@@ -89,7 +100,7 @@ class S3CredentialsRef(ApiModel):
 class ModelSpec(ApiModel):
     """The base model to fine-tune."""
 
-    source: str = Field(
+    source: Source = Field(
         min_length=1,
         max_length=1024,
         description=(
@@ -172,7 +183,7 @@ class EvalSpec(ApiModel):
         lt=1.0,
         description="Share of the training records held out for evaluation, between 0 and 1 (for example 0.05).",
     )
-    source: str | None = Field(
+    source: Source | None = Field(
         default=None,
         max_length=1024,
         description="A separate evaluation dataset, in the same forms as spec.dataset.source.",
@@ -183,7 +194,7 @@ class EvalSpec(ApiModel):
 class DatasetSpec(ApiModel):
     """The training data and how records become token sequences."""
 
-    source: str = Field(
+    source: Source = Field(
         min_length=1,
         max_length=1024,
         description=(

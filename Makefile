@@ -1,0 +1,75 @@
+# The project's stable interface. `make setup && make test` on a fresh machine; `make demo` for the demo.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SETUP_KEY := $(shell cat pyproject.toml hack/setup-system.sh 2>/dev/null | sha256sum | cut -c1-16)
+SETUP_STAMP := $(VENV)/.setup-$(SETUP_KEY)
+PYTEST := $(BIN)/pytest
+
+.PHONY: help setup system-deps tools lint test test-unit test-trainer test-e2e crds demo demo-down bench cluster-up cluster-down images kind-e2e clean
+
+help: ## List the targets.
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+setup: $(SETUP_STAMP) ## Create .venv and install kubetune with every extra (fast when nothing changed).
+
+$(SETUP_STAMP): pyproject.toml hack/setup-system.sh
+	bash hack/setup-system.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[operator,trainer,dev]'
+	rm -f $(VENV)/.setup-*
+	touch $@
+
+tools: ## Build (or reuse) the local cluster's binaries from Go modules.
+	bash hack/build-tools.sh
+
+lint: setup ## ruff, mypy strict and the CRD drift check.
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy operator trainer hack/localcluster tests bench
+	$(BIN)/python -m kubetune_operator.crdgen --check
+
+test-unit: setup ## Fast tests: no cluster, no training.
+	$(PYTEST) -m unit -q
+
+test-trainer: setup ## Trains the tiny model on CPU: LoRA, QLoRA, resume, S3 publication.
+	$(PYTEST) -m trainer -q
+
+test-e2e: setup tools ## The local cluster, the chart, the operator and real training jobs.
+	$(PYTEST) -m e2e -q
+
+test: lint test-unit test-trainer test-e2e ## Every tier.
+
+crds: setup ## Regenerate crds/ and the chart's CRD from the API models.
+	$(BIN)/python -m kubetune_operator.crdgen
+
+demo: setup tools ## Run the tiny CPU FinetuneJob end to end on the local cluster.
+	$(BIN)/python -m localcluster.demo $(DEMO_ARGS)
+
+demo-down: setup ## Stop what the demo started.
+	$(BIN)/python -m localcluster.demo --down
+
+cluster-up: setup tools ## Start the local cluster (kubeconfig in .cache/cluster/kubeconfig).
+	$(BIN)/python -m localcluster up --workdir .cache/cluster
+
+cluster-down: setup ## Stop the local cluster.
+	$(BIN)/python -m localcluster down --workdir .cache/cluster
+
+bench: setup ## Benchmarks: trainer throughput against peers, operator latency and memory.
+	$(BIN)/python bench/trainer_throughput.py
+	$(BIN)/python bench/operator_latency.py
+
+images: ## Build the operator and trainer images (needs Docker).
+	docker build -f operator/Dockerfile -t kubetune/operator:dev .
+	docker build -f trainer/Dockerfile -t kubetune/trainer:dev .
+
+kind-e2e: ## The e2e suite on a kind cluster with real images (needs Docker and kind).
+	bash hack/kind-e2e.sh
+
+clean: ## Remove the virtualenv and local caches (not the Go tool cache).
+	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache

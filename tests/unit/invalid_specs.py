@@ -1,0 +1,43 @@
+"""Invalid FinetuneJob specs and the field each rejection must name.
+
+Shared by the unit tests (schema + model rules) and the end-to-end suite (a real apiserver).
+Each case changes the tiny CPU example at dotted paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class InvalidSpec:
+    name: str
+    changes: dict[str, Any]
+    field: str
+    """A field path fragment the error message must contain."""
+    DELETE: ClassVar[object] = object()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+INVALID_SPECS: list[InvalidSpec] = [
+    InvalidSpec("both-epochs-and-max-steps", {"spec.training.epochs": 1}, "spec.training"),
+    InvalidSpec("neither-epochs-nor-max-steps", {"spec.training.maxSteps": InvalidSpec.DELETE}, "spec.training"),
+    InvalidSpec("quantization-with-lora", {"spec.quantization": {"bits": 4}}, "spec.quantization"),
+    InvalidSpec("multi-node-on-cpu", {"spec.resources.nodes": 2}, "spec.resources"),
+    InvalidSpec("fp16-on-cpu", {"spec.training.precision": "fp16"}, "spec.training.precision"),
+    InvalidSpec("unknown-method", {"spec.method": "full"}, "spec.method"),
+    InvalidSpec("negative-learning-rate", {"spec.training.learningRate": -0.1}, "spec.training.learningRate"),
+    InvalidSpec("zero-rank", {"spec.lora.r": 0}, "spec.lora.r"),
+    InvalidSpec("three-bit-quantization", {"spec.method": "qlora", "spec.quantization": {"bits": 3}}, "spec.quantization.bits"),
+    InvalidSpec("unknown-dataset-format", {"spec.dataset.format": "xml"}, "spec.dataset.format"),
+    InvalidSpec("bad-bucket-name", {"spec.output.bucket": "Bad_Bucket"}, "spec.output.bucket"),
+    InvalidSpec("missing-output", {"spec.output": InvalidSpec.DELETE}, "spec.output"),
+    InvalidSpec("eval-ratio-of-one", {"spec.dataset.eval": {"ratio": 1.0}}, "spec.dataset.eval.ratio"),
+    InvalidSpec("eval-every-without-eval-set", {"spec.training.evalEvery": 10}, "spec.training.evalEvery"),
+    InvalidSpec("malformed-s3-model", {"spec.model.source": "s3://"}, "spec.model.source"),
+    InvalidSpec("tiny-max-seq-length", {"spec.dataset.maxSeqLength": 4}, "spec.dataset.maxSeqLength"),
+    InvalidSpec("paged-optimizer-on-cpu", {"spec.training.optimizer": "paged_adamw_8bit"}, "spec.training.optimizer"),
+    InvalidSpec("unknown-field", {"spec.training.lerningRate": 0.1}, "lerningRate"),
+    InvalidSpec("bad-cpu-quantity", {"spec.resources.cpu": "lots"}, "spec.resources.cpu"),
+]
