@@ -10,7 +10,7 @@ SETUP_KEY := $(shell cat pyproject.toml hack/setup-system.sh 2>/dev/null | sha25
 SETUP_STAMP := $(VENV)/.setup-$(SETUP_KEY)
 PYTEST := $(BIN)/pytest
 
-.PHONY: help setup system-deps tools lint test test-unit test-trainer test-e2e crds demo demo-down bench cluster-up cluster-down images kind-e2e clean
+.PHONY: help setup system-deps tools lint test test-unit test-trainer test-e2e crds demo bench cluster-up cluster-down images kind-e2e clean
 
 help: ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -49,16 +49,13 @@ crds: setup ## Regenerate crds/ and the chart's CRD from the API models.
 	$(BIN)/python -m kubetune_operator.crdgen
 
 demo: setup tools ## Run the tiny CPU FinetuneJob end to end on the local cluster.
-	$(BIN)/python -m localcluster.demo $(DEMO_ARGS)
-
-demo-down: setup ## Stop what the demo started.
-	$(BIN)/python -m localcluster.demo --down
+	PYTHONPATH=hack/localcluster $(BIN)/python -m localcluster.demo $(DEMO_ARGS)
 
 cluster-up: setup tools ## Start the local cluster (kubeconfig in .cache/cluster/kubeconfig).
-	$(BIN)/python -m localcluster up --workdir .cache/cluster
+	PYTHONPATH=hack/localcluster $(BIN)/python -m localcluster up --workdir .cache/cluster
 
 cluster-down: setup ## Stop the local cluster.
-	$(BIN)/python -m localcluster down --workdir .cache/cluster
+	PYTHONPATH=hack/localcluster $(BIN)/python -m localcluster down --workdir .cache/cluster
 
 bench: setup ## Benchmarks: trainer throughput against peers, operator latency and memory.
 	$(BIN)/python bench/trainer_throughput.py

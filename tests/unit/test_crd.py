@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
-from kubetune_operator import crdgen
 from pydantic import BaseModel, Field
+
+from kubetune_operator import crdgen
 
 pytestmark = pytest.mark.unit
 

@@ -15,8 +15,8 @@ import jsonschema
 import pydantic
 import pytest
 import yaml
-from kubetune_operator.api import FinetuneJob
 
+from kubetune_operator.api import FinetuneJob
 from tests.unit.invalid_specs import INVALID_SPECS, InvalidSpec
 
 pytestmark = pytest.mark.unit

@@ -1,0 +1,116 @@
+"""``make demo``: the tiny CPU FinetuneJob end to end on the local cluster.
+
+Starts the control plane, the node agent, S3 and Prometheus, installs kubetune with helm, applies
+``examples/tiny-cpu-lora.yaml`` with kubectl, shows live progress from the FinetuneJob's status,
+then prints where the adapter is and one generation with and without it. Interactive runs wait for
+Enter before stopping everything; ``--non-interactive`` (or no terminal) stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from localcluster.stack import DEMO_BUCKET, REPO, KubetuneStack, StackSettings
+
+EXAMPLE = "tiny-cpu-lora.yaml"
+PROMPT = "The quick brown fox"
+BAR_WIDTH = 30
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def bar(status: dict[str, Any]) -> str:
+    progress = status.get("progress") or {}
+    percent = int(progress.get("percent", 0))
+    filled = BAR_WIDTH * percent // 100
+    loss = progress.get("loss")
+    loss_text = f"loss {loss:.3f}" if isinstance(loss, int | float) else "loss -"
+    step = f"step {progress.get('step', 0)}/{progress.get('totalSteps') or '?'}"
+    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {percent:3d}%  {step}  {loss_text}  {status.get('phase', 'Pending')}"
+
+
+def generations(stack: KubetuneStack, adapter_uri: str) -> tuple[str, str]:
+    """Greedy completions of PROMPT by the base model and by the base model with the adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert stack.s3 is not None
+    base_dir = stack.workdir / "tiny-llama"
+    bucket, _, prefix = adapter_uri.removeprefix("s3://").partition("/")
+    adapter_dir = Path(tempfile.mkdtemp(prefix="kubetune-adapter-", dir=stack.workdir))
+    s3 = stack.s3.client()
+    for item in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []):
+        target = adapter_dir / item["Key"][len(prefix) :].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, item["Key"], str(target))
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    inputs = tokenizer(PROMPT, return_tensors="pt")
+
+    def complete(model: Any) -> str:
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return str(tokenizer.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    without = complete(base)
+    tuned = PeftModel.from_pretrained(base, adapter_dir)
+    return without, complete(tuned)
+
+
+def run(args: argparse.Namespace) -> int:
+    stack = KubetuneStack(StackSettings(workdir=args.workdir, s3_port=args.s3_port))
+    try:
+        stack.start(progress=lambda step: say(f"==> {step}"))
+        namespace = stack.settings.jobs_namespace
+        say(f"==> kubectl apply -f examples/{EXAMPLE} -n {namespace}")
+        body = stack.example(EXAMPLE)
+        stack.kubectl("apply", "-f", "-", stdin=json.dumps(body))
+        name = body["metadata"]["name"]
+        final: dict[str, Any] = {}
+        for status in stack.watch_progress(name, timeout=args.timeout):
+            final = status
+            end = "\n" if not sys.stdout.isatty() else "\r"
+            print(bar(status), end=end, flush=True)
+        print()
+        say(stack.kubectl("get", "ftj", "-n", namespace, "-o", "wide").stdout)
+        if final.get("phase") != "Succeeded":
+            say(f"the FinetuneJob ended {final.get('phase')}: {final.get('message')}")
+            return 1
+        result = final["result"]
+        say(f"adapter: {result['adapterUri']} (manifest sha256 {result.get('manifestSha256')}, {result.get('sizeBytes')} bytes)")
+        say(f"S3 endpoint: {stack.s3.endpoint_url if stack.s3 else '?'}  bucket: {DEMO_BUCKET}")
+        without, with_adapter = generations(stack, result["adapterUri"])
+        say(f"prompt:            {PROMPT!r}")
+        say(f"base model:        {without!r}")
+        say(f"with the adapter:  {with_adapter!r}")
+        if stack.prometheus is not None:
+            say(f"Prometheus: {stack.prometheus.url}  kubeconfig: {stack.kubeconfig}")
+        if not args.non_interactive and sys.stdin.isatty():
+            input("Press Enter to stop the local cluster, S3 and Prometheus (Ctrl-C works too). ")
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        say("==> stopping everything the demo started")
+        stack.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m localcluster.demo", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--workdir", type=Path, default=REPO / ".cache" / "demo", help="Where the demo keeps its files.")
+    parser.add_argument("--non-interactive", action="store_true", help="Stop as soon as the job has finished.")
+    parser.add_argument("--s3-port", type=int, default=9000, help="Port of the local S3 endpoint (the example points at 9000).")
+    parser.add_argument("--timeout", type=float, default=900.0, help="Seconds to wait for the FinetuneJob.")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,297 @@
+"""The whole kubetune stack on the local cluster: control plane, node agent, S3, Prometheus, the chart.
+
+Used by the end-to-end suite and by ``make demo``. Everything runs on loopback; ``stop()`` ends every
+process it started.
+
+- the control plane and kwok's fake GPU nodes (``LocalCluster``);
+- the node agent, which runs pods bound to ``cpu-node-0`` as local processes, the operator's pod
+  from the chart's Deployment included (with its ServiceAccount's projected token);
+- moto's S3 server behind a stoppable proxy, holding the tiny model and the demo dataset;
+- Debian's Prometheus discovering annotated pods through the apiserver;
+- ``helm upgrade --install`` of ``charts/kubetune`` into a namespace that enforces the Pod Security
+  ``restricted`` profile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from localcluster.cluster import LocalCluster
+from localcluster.prometheus import Prometheus
+from localcluster.tools import locate_bin_dir
+
+REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO)) if str(REPO) not in sys.path else None
+from tests.support.s3 import DUMMY_ACCESS_KEY_ID, DUMMY_SECRET_ACCESS_KEY, MotoS3Server  # noqa: E402
+
+CHART = REPO / "charts" / "kubetune"
+DEMO_BUCKET = "kubetune-demo"
+MODEL_PREFIX = "models/tiny-llama/"
+DATASET_KEY = "datasets/memorise.jsonl"
+DATASET_FILE = REPO / "examples" / "data" / "memorise.jsonl"
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+}
+
+
+@dataclass
+class StackSettings:
+    """Where the stack keeps its files and how it installs kubetune."""
+
+    workdir: Path
+    operator_namespace: str = "kubetune-system"
+    jobs_namespace: str = "ml"
+    release: str = "kubetune"
+    s3_port: int | None = None
+    prometheus_interval_seconds: float = 1.0
+    helm_values: dict[str, Any] = field(default_factory=dict)
+
+
+def local_chart_values(settings: StackSettings) -> dict[str, Any]:
+    """Chart values for the local cluster: the host's environment stands in for the images."""
+    values: dict[str, Any] = {
+        "operator": {
+            "image": {"repository": "kubetune/operator", "tag": "local", "pullPolicy": "Never"},
+            "progressIntervalSeconds": 1,
+        },
+        "trainer": {"image": {"repository": "kubetune/trainer", "tag": "local", "pullPolicy": "Never"}},
+    }
+    return _merge(values, settings.helm_values)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+class KubetuneStack:
+    """Start with ``start()`` (or as a context manager); ``stop()`` ends everything it started."""
+
+    def __init__(self, settings: StackSettings) -> None:
+        self.settings = settings
+        self.workdir = settings.workdir.resolve()
+        self.cluster: LocalCluster | None = None
+        self.s3: MotoS3Server | None = None
+        self.prometheus: Prometheus | None = None
+        self._agent: subprocess.Popen[bytes] | None = None
+
+    # lifecycle
+
+    def start(self, progress: Callable[[str], None] = lambda _: None) -> None:
+        try:
+            progress("building or reusing the Kubernetes binaries")
+            bin_dir = locate_bin_dir(build=True)
+            progress("starting etcd, kube-apiserver, controller-manager, scheduler and kwok")
+            self.cluster = LocalCluster(self.workdir / "cluster", bin_dir)
+            self.cluster.start()
+            progress("starting the node agent (cpu-node-0)")
+            self.start_agent()
+            progress("starting S3 (moto) and uploading the tiny model and dataset")
+            self.s3 = MotoS3Server(port=self.settings.s3_port)
+            self.s3.start()
+            self.seed_s3()
+            progress("starting Prometheus")
+            self.prometheus = Prometheus(self.workdir / "prometheus", self.cluster.kubeconfig, self.settings.prometheus_interval_seconds)
+            self.prometheus.start()
+            progress("installing kubetune with helm")
+            self.prepare_namespaces()
+            self.helm_install()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.prometheus is not None:
+            self.prometheus.stop()
+            self.prometheus = None
+        self.stop_agent()
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
+        if self.s3 is not None:
+            self.s3.close()
+            self.s3 = None
+
+    def __enter__(self) -> KubetuneStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # parts
+
+    @property
+    def kubeconfig(self) -> Path:
+        assert self.cluster is not None, "the stack is not started"
+        return self.cluster.kubeconfig
+
+    def start_agent(self) -> None:
+        assert self.cluster is not None
+        log = (self.workdir / "nodeagent.log").open("ab")
+        self._agent = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "localcluster.nodeagent",
+                "--kubeconfig",
+                str(self.cluster.kubeconfig),
+                "--workdir",
+                str(self.workdir / "node"),
+                "--api-url",
+                self.cluster.api_url,
+                "--restart-backoff-seconds",
+                "2",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "hack" / "localcluster"), str(REPO)])},
+        )
+        self.wait_for(
+            lambda: self.kubectl("get", "node", "cpu-node-0", "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}", check=False).stdout == "True",
+            60,
+            "cpu-node-0 Ready",
+        )
+
+    def stop_agent(self) -> None:
+        if self._agent is None:
+            return
+        self._agent.terminate()
+        try:
+            self._agent.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._agent.kill()
+            self._agent.wait()
+        self._agent = None
+
+    def seed_s3(self) -> None:
+        """The demo bucket with the tiny model (built here, deterministic) and the demo dataset."""
+        assert self.s3 is not None
+        model_dir = self.workdir / "tiny-llama"
+        if not (model_dir / "config.json").exists():
+            subprocess.run([sys.executable, "-m", "kubetune_trainer.tinymodel", "--out", str(model_dir)], check=True)
+        s3 = self.s3.client()
+        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+            s3.create_bucket(Bucket=DEMO_BUCKET)
+        for path in sorted(model_dir.rglob("*")):
+            if path.is_file():
+                s3.upload_file(str(path), DEMO_BUCKET, MODEL_PREFIX + path.relative_to(model_dir).as_posix())
+        s3.upload_file(str(DATASET_FILE), DEMO_BUCKET, DATASET_KEY)
+
+    def prepare_namespaces(self) -> None:
+        for namespace in (self.settings.operator_namespace, self.settings.jobs_namespace):
+            self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": RESTRICTED}})
+        self.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "s3-credentials", "namespace": self.settings.jobs_namespace},
+                "stringData": {"AWS_ACCESS_KEY_ID": DUMMY_ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET_ACCESS_KEY},
+            }
+        )
+
+    def helm_install(self) -> None:
+        assert self.cluster is not None
+        values = self.workdir / "values-local.yaml"
+        values.write_text(yaml.safe_dump(local_chart_values(self.settings)))
+        self.helm(
+            "upgrade",
+            "--install",
+            self.settings.release,
+            str(CHART),
+            "--namespace",
+            self.settings.operator_namespace,
+            "--values",
+            str(values),
+            "--wait",
+            "--timeout",
+            "180s",
+        )
+
+    # clients
+
+    def run(self, argv: list[str], *, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv[:3])}... failed ({result.returncode}):\n{result.stderr}{result.stdout}")
+        return result
+
+    def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        assert self.cluster is not None
+        return self.run([str(self.cluster.bin_dir / "kubectl"), "--kubeconfig", str(self.cluster.kubeconfig), *args], check=check, stdin=stdin)
+
+    def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        assert self.cluster is not None
+        return self.run([str(self.cluster.bin_dir / "helm"), "--kubeconfig", str(self.cluster.kubeconfig), *args], check=check)
+
+    def apply(self, body: dict[str, Any], *, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.kubectl("apply", "--server-side", "--field-manager", "kubetune-tests", "-f", "-", stdin=json.dumps(body), check=check)
+
+    def get_json(self, *args: str) -> dict[str, Any]:
+        loaded: dict[str, Any] = json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+        return loaded
+
+    def finetunejob(self, name: str) -> dict[str, Any]:
+        return self.get_json("finetunejob", name, "-n", self.settings.jobs_namespace)
+
+    def example(self, filename: str, **overrides: Any) -> dict[str, Any]:
+        """An example FinetuneJob pointed at this stack's S3 endpoint, with top-level spec overrides."""
+        assert self.s3 is not None
+        body: dict[str, Any] = yaml.safe_load((REPO / "examples" / filename).read_text())
+        body["metadata"]["namespace"] = self.settings.jobs_namespace
+        body["spec"]["output"]["endpointUrl"] = self.s3.endpoint_url
+        body["spec"] = _merge(body["spec"], overrides)
+        return body
+
+    @staticmethod
+    def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.5) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(interval)
+        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+    def wait_for_phase(self, name: str, phases: set[str], timeout: float = 300.0) -> dict[str, Any]:
+        """Wait until the FinetuneJob reaches one of ``phases``; returns the object."""
+        seen: dict[str, Any] = {}
+
+        def reached() -> bool:
+            nonlocal seen
+            seen = self.finetunejob(name)
+            return seen.get("status", {}).get("phase") in phases
+
+        try:
+            self.wait_for(reached, timeout, f"FinetuneJob {name} to reach {sorted(phases)}", interval=1.0)
+        except TimeoutError as error:
+            raise TimeoutError(f"{error}; last status: {json.dumps(seen.get('status'), indent=1)}") from error
+        return seen
+
+    def watch_progress(self, name: str, timeout: float = 600.0) -> Iterator[dict[str, Any]]:
+        """Yield the FinetuneJob's status whenever it changes, until it finishes."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] | None = None
+        while time.monotonic() < deadline:
+            status = self.finetunejob(name).get("status", {})
+            if status != last:
+                last = status
+                yield status
+            if status.get("phase") in ("Succeeded", "Failed"):
+                return
+            time.sleep(1.0)
+        raise TimeoutError(f"FinetuneJob {name} did not finish in {timeout:.0f}s")

@@ -1,0 +1,265 @@
+"""FinetuneJobs end to end: kubectl apply -> operator -> trainer pods -> adapter in S3, and the faults.
+
+Everything is real: the apiserver (schema, CEL, RBAC, status subresource, garbage collection), the Job
+controller and scheduler, kwok's fake GPU nodes, the operator deployed by helm and running as the
+chart's ServiceAccount, trainer processes run by the node agent, moto's S3 over HTTP, and Prometheus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune_trainer.config import OutputSpec
+from kubetune_trainer.publish import verify_adapter
+from kubetune_trainer.storage import S3Store
+from localcluster.stack import KubetuneStack
+from tests.unit.invalid_specs import INVALID_SPECS, InvalidSpec
+from tests.unit.test_examples import apply_change
+
+pytestmark = pytest.mark.e2e
+
+LONG_RUN = {"training": {"maxSteps": 400, "checkpointEvery": 25, "logEvery": 5}}
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions", []) if c["type"] == type_), None)
+
+
+def trainer_jobs(stack: KubetuneStack, name: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = stack.get_json("jobs", "-n", stack.settings.jobs_namespace, "-l", f"kubetune.io/finetunejob={name}")["items"]
+    return items
+
+
+def trainer_pods(stack: KubetuneStack, name: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = stack.get_json("pods", "-n", stack.settings.jobs_namespace, "-l", f"kubetune.io/finetunejob={name}")["items"]
+    return items
+
+
+def adapter_is_complete(stack: KubetuneStack, uri: str) -> bool:
+    assert stack.s3 is not None
+    bucket = uri.removeprefix("s3://").split("/", 1)[0]
+    output = OutputSpec(bucket=bucket, endpoint_url=stack.s3.endpoint_url, region="us-east-1")
+    return verify_adapter(S3Store.from_output(output, env=stack.s3.env()), uri)
+
+
+def pids_of_pod(pod_name: str) -> list[int]:
+    """Processes the node agent runs for a pod, found by the pod name the operator puts in their environment."""
+    marker = f"KUBETUNE_POD_NAME={pod_name}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def wait_for_checkpoint(stack: KubetuneStack, name: str, timeout: float = 300) -> int:
+    step = 0
+
+    def has_checkpoint() -> bool:
+        nonlocal step
+        status = stack.finetunejob(name).get("status", {})
+        if status.get("phase") in ("Succeeded", "Failed"):
+            raise AssertionError(f"{name} finished before a checkpoint could be observed: {status}")
+        step = (status.get("lastCheckpoint") or {}).get("step", 0)
+        return step > 0
+
+    stack.wait_for(has_checkpoint, timeout, f"a checkpoint of {name}")
+    return step
+
+
+def test_cpu_lora_job_succeeds_with_adapter_in_s3(stack: KubetuneStack) -> None:
+    body = stack.example("tiny-cpu-lora.yaml")
+    stack.apply(body)
+    job = stack.wait_for_phase("tiny-lora", {"Succeeded", "Failed"}, timeout=600)
+    status = job["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["progress"]["percent"] == 100 and status["progressText"] == "100%"
+    assert status["progress"]["step"] == body["spec"]["training"]["maxSteps"]
+    assert status["result"]["adapterUri"].endswith("/ml/tiny-lora/adapter/")
+    assert adapter_is_complete(stack, status["result"]["adapterUri"])
+    succeeded = condition(status, "Succeeded")
+    assert succeeded is not None and succeeded["status"] == "True"
+    table = stack.kubectl("get", "ftj", "tiny-lora", "-n", stack.settings.jobs_namespace).stdout
+    header = table.splitlines()[0].split()
+    assert header[:6] == ["NAME", "PHASE", "PROGRESS", "LOSS", "GPUS", "AGE"]
+    assert "Succeeded" in table and "100%" in table
+    assert len(trainer_jobs(stack, "tiny-lora")) == 1
+
+
+def test_cpu_qlora_job_succeeds(stack: KubetuneStack) -> None:
+    stack.apply(stack.example("tiny-cpu-qlora.yaml"))
+    status = stack.wait_for_phase("tiny-qlora", {"Succeeded", "Failed"}, timeout=600)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert adapter_is_complete(stack, status["result"]["adapterUri"])
+
+
+@pytest.mark.parametrize("case", INVALID_SPECS, ids=lambda c: c.name)
+def test_apiserver_rejects_invalid_spec(stack: KubetuneStack, case: InvalidSpec) -> None:
+    body = apply_change(stack.example("tiny-cpu-lora.yaml"), case)
+    body["metadata"]["name"] = f"invalid-{case.name}"[:63]
+    result = stack.kubectl("create", "--dry-run=server", "-f", "-", stdin=json.dumps(body), check=False)
+    assert result.returncode != 0, f"{case.name} was admitted"
+    assert case.field in result.stderr, result.stderr
+
+
+def test_spec_is_immutable_except_suspend(stack: KubetuneStack) -> None:
+    body = stack.example("tiny-cpu-lora.yaml", suspend=True)
+    body["metadata"]["name"] = "immutable"
+    stack.kubectl("create", "-f", "-", stdin=json.dumps(body))
+    try:
+        changed = stack.kubectl(
+            "patch", "ftj", "immutable", "-n", stack.settings.jobs_namespace, "--type=merge", "-p", '{"spec":{"lora":{"r":4}}}', check=False
+        )
+        assert changed.returncode != 0 and "immutable" in changed.stderr
+        stack.kubectl("patch", "ftj", "immutable", "-n", stack.settings.jobs_namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    finally:
+        stack.kubectl("delete", "ftj", "immutable", "-n", stack.settings.jobs_namespace, "--wait=false")
+
+
+def test_gpu_job_runs_on_a_fake_gpu_node(stack: KubetuneStack) -> None:
+    body = stack.example("tiny-cpu-lora.yaml", resources={"gpus": 2, "cpu": None, "memory": None})
+    body["metadata"]["name"] = "on-gpus"
+    stack.apply(body)
+    stack.wait_for(lambda: any(p["spec"].get("nodeName", "").startswith("gpu-node") for p in trainer_pods(stack, "on-gpus")), 120, "a pod on a GPU node")
+    pod = trainer_pods(stack, "on-gpus")[0]
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    status = stack.wait_for_phase("on-gpus", {"Succeeded", "Failed"}, timeout=180)["status"]
+    assert status["phase"] == "Succeeded", status
+
+
+def test_too_many_gpus_reports_unschedulable(stack: KubetuneStack) -> None:
+    body = stack.example("tiny-cpu-lora.yaml", resources={"gpus": 16, "cpu": None, "memory": None})
+    body["metadata"]["name"] = "too-many-gpus"
+    stack.apply(body)
+    try:
+
+        def unschedulable() -> bool:
+            scheduled = condition(stack.finetunejob("too-many-gpus").get("status", {}), "Scheduled")
+            return scheduled is not None and scheduled["reason"] == "Unschedulable"
+
+        stack.wait_for(unschedulable, 120, "an Unschedulable condition")
+        scheduled = condition(stack.finetunejob("too-many-gpus")["status"], "Scheduled")
+        assert scheduled is not None and "Insufficient nvidia.com/gpu" in scheduled["message"]
+    finally:
+        stack.kubectl("delete", "ftj", "too-many-gpus", "-n", stack.settings.jobs_namespace)
+
+
+def test_killed_trainer_resumes_from_its_checkpoint(stack: KubetuneStack) -> None:
+    body = stack.example("tiny-cpu-lora.yaml", **LONG_RUN)
+    body["metadata"]["name"] = "killed"
+    stack.apply(body)
+    checkpoint_step = wait_for_checkpoint(stack, "killed")
+    pod = next(p for p in trainer_pods(stack, "killed") if p["status"].get("phase") == "Running")
+    pids = pids_of_pod(pod["metadata"]["name"])
+    assert pids, "no process found for the running trainer pod"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    status = stack.wait_for_phase("killed", {"Succeeded", "Failed"}, timeout=600)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["attempts"] >= 2
+    assert status["result"]["steps"] == LONG_RUN["training"]["maxSteps"]
+    assert status["result"].get("resumedFromStep", checkpoint_step) >= checkpoint_step
+    assert len(trainer_jobs(stack, "killed")) == 1
+
+
+def test_operator_restart_creates_no_duplicates(stack: KubetuneStack) -> None:
+    body = stack.example("tiny-cpu-lora.yaml", **LONG_RUN)
+    body["metadata"]["name"] = "operator-restart"
+    stack.apply(body)
+    wait_for_checkpoint(stack, "operator-restart")
+    before = stack.finetunejob("operator-restart")["status"]["progress"]["step"]
+    stack.kubectl("delete", "pod", "-n", stack.settings.operator_namespace, "-l", "app.kubernetes.io/name=kubetune")
+    stack.kubectl("rollout", "status", "deployment", "-n", stack.settings.operator_namespace, "--timeout=120s")
+    stack.wait_for(
+        lambda: (
+            stack.finetunejob("operator-restart")["status"]["progress"]["step"] > before
+            or stack.finetunejob("operator-restart")["status"]["phase"] == "Succeeded"
+        ),
+        180,
+        "progress after the operator restart",
+    )
+    status = stack.wait_for_phase("operator-restart", {"Succeeded", "Failed"}, timeout=600)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert len(trainer_jobs(stack, "operator-restart")) == 1
+
+
+def test_deleting_a_running_job_leaves_nothing(stack: KubetuneStack) -> None:
+    body = stack.example("tiny-cpu-lora.yaml", **LONG_RUN)
+    body["metadata"]["name"] = "deleted"
+    stack.apply(body)
+    stack.wait_for(lambda: stack.finetunejob("deleted").get("status", {}).get("phase") == "Running", 180, "Running")
+    stack.kubectl("delete", "ftj", "deleted", "-n", stack.settings.jobs_namespace, "--wait=true")
+    namespace = stack.settings.jobs_namespace
+
+    def gone() -> bool:
+        selector = "kubetune.io/finetunejob=deleted"
+        left = stack.get_json("jobs,pods,configmaps,services", "-n", namespace, "-l", selector)["items"]
+        return not left
+
+    stack.wait_for(gone, 120, "the Job, pods, ConfigMap and Service to be garbage-collected")
+
+
+def test_missing_secret_is_named_and_creating_it_lets_the_job_run(stack: KubetuneStack) -> None:
+    body = stack.example("tiny-cpu-lora.yaml", output={"credentialsSecret": {"name": "late-credentials"}})
+    body["metadata"]["name"] = "late-secret"
+    stack.apply(body)
+    namespace = stack.settings.jobs_namespace
+
+    def names_secret() -> bool:
+        status = stack.finetunejob("late-secret").get("status", {})
+        return "late-credentials" in json.dumps(status.get("conditions", []))
+
+    stack.wait_for(names_secret, 120, "a condition naming the missing Secret")
+    assert stack.finetunejob("late-secret")["status"]["phase"] == "Pending"
+    secret = stack.get_json("secret", "s3-credentials", "-n", namespace)
+    stack.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "late-credentials", "namespace": namespace}, "data": secret["data"]})
+    status = stack.wait_for_phase("late-secret", {"Succeeded", "Failed"}, timeout=600)["status"]
+    assert status["phase"] == "Succeeded", status
+
+
+def test_s3_outage_during_final_upload(stack: KubetuneStack) -> None:
+    assert stack.s3 is not None
+    body = stack.example("tiny-cpu-lora.yaml", training={"maxSteps": 200, "checkpointEvery": 1000, "logEvery": 5})
+    body["metadata"]["name"] = "s3-outage"
+    stack.apply(body)
+
+    def near_the_end() -> bool:
+        progress = stack.finetunejob("s3-outage").get("status", {}).get("progress") or {}
+        return int(progress.get("percent", 0)) >= 90
+
+    stack.wait_for(near_the_end, 300, "90% progress", interval=0.2)
+    stack.s3.stop()
+    try:
+        time.sleep(15)
+        assert stack.finetunejob("s3-outage")["status"]["phase"] == "Running"
+    finally:
+        stack.s3.start()
+    status = stack.wait_for_phase("s3-outage", {"Succeeded", "Failed"}, timeout=600)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert adapter_is_complete(stack, status["result"]["adapterUri"])
+
+
+def test_suspend_and_resume(stack: KubetuneStack) -> None:
+    body = stack.example("tiny-cpu-lora.yaml", **LONG_RUN)
+    body["metadata"]["name"] = "suspended"
+    stack.apply(body)
+    namespace = stack.settings.jobs_namespace
+    wait_for_checkpoint(stack, "suspended")
+    stack.kubectl("patch", "ftj", "suspended", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    stack.wait_for_phase("suspended", {"Suspended"}, timeout=120)
+    stack.wait_for(lambda: not trainer_pods(stack, "suspended"), 120, "the trainer pods to stop")
+    stack.kubectl("patch", "ftj", "suspended", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    status = stack.wait_for_phase("suspended", {"Succeeded", "Failed"}, timeout=600)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["result"]["steps"] == LONG_RUN["training"]["maxSteps"]
