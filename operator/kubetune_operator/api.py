@@ -100,7 +100,7 @@ class Affinity(ApiModel):
 class ResourcesSpec(ApiModel):
     """Where and on how much hardware the trainer runs."""
 
-    model_config = ConfigDict(json_schema_extra=validations(cel("self.nodes == 1 || self.gpus > 0", SPEC_MESSAGES["multinode"])))
+    model_config = ConfigDict(json_schema_extra=validations(cel("!has(self.nodes) || self.nodes == 1 || !has(self.gpus) || self.gpus > 0", SPEC_MESSAGES["multinode"])))
 
     gpus: int = Field(default=1, ge=0, le=64, description="GPUs per node (pod). 0 runs a CPU-only trainer (tests and demos).")
     nodes: int = Field(default=1, ge=1, le=256, description="Number of nodes; above 1 the trainer runs as an Indexed Job with one pod per node.")
@@ -136,10 +136,13 @@ def _unchanged(field: str) -> str:
     return f"(has(self.{field}) == has(oldSelf.{field})) && (!has(self.{field}) || self.{field} == oldSelf.{field})"
 
 
+HAS_GPUS = "(!has(self.resources) || !has(self.resources.gpus) || self.resources.gpus > 0)"
+"""CEL: the job asks for GPUs (gpus defaults to 1)."""
+
 SPEC_RULES: list[JsonDict] = [
     *RECIPE_RULES,
-    cel("self.resources.gpus > 0 || self.training.precision != 'fp16'", SPEC_MESSAGES["fp16"]),
-    cel("self.resources.gpus > 0 || !(self.training.optimizer in ['paged_adamw_8bit', 'paged_adamw'])", SPEC_MESSAGES["paged"]),
+    cel(f"{HAS_GPUS} || !has(self.training.precision) || self.training.precision != 'fp16'", SPEC_MESSAGES["fp16"]),
+    cel(f"{HAS_GPUS} || !has(self.training.optimizer) || !(self.training.optimizer in ['paged_adamw_8bit', 'paged_adamw'])", SPEC_MESSAGES["paged"]),
     cel(
         " && ".join(_unchanged(f) for f in IMMUTABLE_FIELDS),
         "spec is immutable except suspend, backoffLimit, activeDeadlineSeconds and ttlSecondsAfterFinished: "

@@ -19,7 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict, JsonValue
 
-S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
+S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
 K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 ALL_LINEAR = "all-linear"
 
@@ -375,7 +375,7 @@ class OutputSpec(ApiModel):
     bucket: str = Field(
         min_length=3,
         max_length=63,
-        pattern=r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$",
+        pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
         description="S3 bucket that receives the adapter and checkpoints.",
     )
     prefix: str = Field(

@@ -1,8 +1,8 @@
-"""A real Prometheus (Debian's ``prometheus`` package) scraping kubetune's pods through Kubernetes discovery.
+"""A real Prometheus (Debian's ``prometheus`` package) scraping kubetune's pods.
 
-Pods annotated ``prometheus.io/scrape: "true"`` are found with ``kubernetes_sd_configs`` against the
-local apiserver, exactly as a cluster's Prometheus finds them, and scraped at
-``<podIP>:<prometheus.io/port><prometheus.io/path>``.
+Pods annotated ``prometheus.io/scrape: "true"`` are scraped at ``<podIP>:<prometheus.io/port><prometheus.io/path>``
+with the job names the chart's PodMonitor/ServiceMonitor give. Debian builds Prometheus without
+``kubernetes_sd_configs``, so ``PodDiscovery`` lists pods from the apiserver and feeds ``file_sd_configs``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -22,8 +23,8 @@ import yaml
 from localcluster.probes import free_ports
 
 
-def scrape_config(kubeconfig: Path, interval_seconds: float) -> dict[str, Any]:
-    """Prometheus configuration: one job discovering annotated pods in every namespace."""
+def scrape_config(targets_file: Path, interval_seconds: float) -> dict[str, Any]:
+    """Prometheus configuration: pods found through the apiserver, handed over in a file_sd file."""
     interval = f"{interval_seconds:g}s"
     return {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
@@ -31,27 +32,82 @@ def scrape_config(kubeconfig: Path, interval_seconds: float) -> dict[str, Any]:
             {
                 "job_name": "kubernetes-pods",
                 "honor_labels": True,
-                "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": str(kubeconfig)}],
-                "relabel_configs": [
-                    {"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"], "regex": "true", "action": "keep"},
-                    {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "Pending|Running", "action": "keep"},
-                    {
-                        "source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_path"],
-                        "regex": "(.+)",
-                        "target_label": "__metrics_path__",
-                    },
-                    {
-                        "source_labels": ["__meta_kubernetes_pod_ip", "__meta_kubernetes_pod_annotation_prometheus_io_port"],
-                        "regex": "(.+);(\\d+)",
-                        "replacement": "$1:$2",
-                        "target_label": "__address__",
-                    },
-                    {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-                    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-                ],
+                "file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": interval}],
             }
         ],
     }
+
+
+def job_label(labels: dict[str, str]) -> str:
+    """The job name the chart's ServiceMonitor/PodMonitor give, so dashboards and alerts match."""
+    if labels.get("app.kubernetes.io/part-of") == "kubetune" and labels.get("app.kubernetes.io/component") == "operator":
+        return "kubetune-operator"
+    if labels.get("app.kubernetes.io/name") == "kubetune-trainer":
+        return "kubetune-trainer"
+    return "kubernetes-pods"
+
+
+def pod_targets(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """file_sd target groups for annotated, running pods: what kubernetes_sd_configs + relabelling would give.
+
+    Debian's Prometheus is built without Kubernetes discovery, so the stack discovers pods itself.
+    """
+    groups = []
+    for pod in pods:
+        meta, status = pod.get("metadata", {}), pod.get("status", {})
+        annotations = meta.get("annotations") or {}
+        if annotations.get("prometheus.io/scrape") != "true" or status.get("phase") != "Running" or not status.get("podIP"):
+            continue
+        port = annotations.get("prometheus.io/port")
+        if not port:
+            continue
+        labels = {
+            "__metrics_path__": annotations.get("prometheus.io/path", "/metrics"),
+            "namespace": meta.get("namespace", ""),
+            "pod": meta.get("name", ""),
+            "job": job_label(meta.get("labels") or {}),
+        }
+        groups.append({"targets": [f"{status['podIP']}:{port}"], "labels": labels})
+    return groups
+
+
+class PodDiscovery:
+    """Keeps a file_sd file in step with the annotated pods of the cluster (polling, once a second)."""
+
+    def __init__(self, kubeconfig: Path, targets_file: Path, interval_seconds: float = 1.0) -> None:
+        from kubernetes import client, config
+
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)  # type: ignore[no-untyped-call]
+        self._api = client.CoreV1Api(client.ApiClient(configuration))
+        self.targets_file = targets_file
+        self.interval_seconds = interval_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="prometheus-pod-discovery", daemon=True)
+
+    def start(self) -> None:
+        self.refresh()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def refresh(self) -> None:
+        pods = self._api.api_client.sanitize_for_serialization(self._api.list_pod_for_all_namespaces().items)
+        text = json.dumps(pod_targets(pods))
+        if not self.targets_file.exists() or self.targets_file.read_text() != text:
+            temporary = self.targets_file.with_suffix(".tmp")
+            temporary.write_text(text)
+            temporary.replace(self.targets_file)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_seconds):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - the apiserver may be restarting; the next round retries
+                continue
 
 
 @dataclass
@@ -64,6 +120,7 @@ class Prometheus:
     rule_files: list[Path] = field(default_factory=list)
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
+    discovery: PodDiscovery | None = None
 
     @property
     def url(self) -> str:
@@ -74,7 +131,10 @@ class Prometheus:
         if binary is None:
             raise RuntimeError("prometheus is not installed: run `bash hack/setup-system.sh` (Debian package prometheus)")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        config = scrape_config(self.kubeconfig, self.interval_seconds)
+        targets = self.workdir / "targets.json"
+        self.discovery = PodDiscovery(self.kubeconfig, targets, self.interval_seconds)
+        self.discovery.start()
+        config = scrape_config(targets, self.interval_seconds)
         if self.rule_files:
             config["rule_files"] = [str(p) for p in self.rule_files]
         config_path = self.workdir / "prometheus.yml"
@@ -107,6 +167,9 @@ class Prometheus:
         raise TimeoutError(f"prometheus did not become ready in {timeout:.0f}s: see {self.workdir / 'prometheus.log'}")
 
     def stop(self) -> None:
+        if self.discovery is not None:
+            self.discovery.stop()
+            self.discovery = None
         if self.process is None:
             return
         self.process.terminate()

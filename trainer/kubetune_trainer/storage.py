@@ -1,0 +1,563 @@
+"""S3 access for the trainer: verified uploads and downloads, retried through outages.
+
+Every remote call goes through one retry loop with exponential backoff and jitter, bounded by a
+total time budget. What cannot succeed by waiting (access refused, bucket missing, bad key pair)
+raises ``StorageAccessError`` at once; a store that stays unreachable past the budget raises
+``StorageUnavailableError``. Both carry the trainer exit code the operator acts on. Credentials
+come from the environment and never appear in messages.
+
+Uploads hash the file locally, send it with an S3 SHA-256 checksum (the server rejects a body
+that does not match) and record the hex digest as object metadata, then read the object's size
+and checksum back before reporting success. That metadata is what publication and checkpoint
+manifests are checked against without downloading the data again.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal, Protocol, TypeVar
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from kubetune_trainer.config import OutputSpec
+from kubetune_trainer.exitcodes import ExitCode
+
+Direction = Literal["upload", "download"]
+T = TypeVar("T")
+
+SHA256_METADATA_KEY = "sha256"
+"""User metadata key (x-amz-meta-sha256) holding the hex SHA-256 of the whole object."""
+
+ACCESS_ERROR_CODES = frozenset(
+    {"AccessDenied", "AllAccessDisabled", "AccountProblem", "ExpiredToken", "Forbidden", "InvalidAccessKeyId", "InvalidBucketName"}
+    | {"InvalidToken", "NoSuchBucket", "SignatureDoesNotMatch", "403", "AuthorizationHeaderMalformed", "PermanentRedirect"}
+    | {"IllegalLocationConstraintException"}
+)
+"""S3 error codes that waiting cannot fix: refusals (a HEAD request reports one only as "403"), a wrong bucket or region."""
+RETRIABLE_ERROR_CODES = frozenset(
+    {"InternalError", "RequestTimeout", "RequestTimeTooSkewed", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException"}
+    | {"TooManyRequests", "BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"}
+)
+"""S3 error codes worth another attempt (besides every 5xx and 429): throttling, server faults, bytes damaged in transit."""
+
+
+class StorageError(Exception):
+    """An S3 operation failed; ``exit_code`` tells the trainer how to end."""
+
+    exit_code: ExitCode = ExitCode.RUNTIME_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class StorageAccessError(StorageError):
+    """S3 refused the request or the bucket does not exist: retrying cannot help."""
+
+    exit_code = ExitCode.STORAGE_ACCESS_ERROR
+
+
+class StorageUnavailableError(StorageError):
+    """S3 did not answer (or kept failing) for the whole retry budget."""
+
+    exit_code = ExitCode.STORAGE_UNAVAILABLE
+
+
+class StorageIntegrityError(StorageError):
+    """Data read back does not match its checksum. Retried; persistent mismatches end as unavailable."""
+
+    exit_code = ExitCode.STORAGE_UNAVAILABLE
+
+
+class StorageObserver(Protocol):
+    """Receives transfer volume and retry events, e.g. to feed Prometheus counters."""
+
+    def on_bytes(self, direction: Direction, n: int) -> None: ...
+
+    def on_retry(self) -> None: ...
+
+
+class NullObserver:
+    """Observer that discards events."""
+
+    def on_bytes(self, direction: Direction, n: int) -> None:
+        return None
+
+    def on_retry(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, bounded by the total time spent on one operation."""
+
+    max_total_seconds: float = 300.0
+    initial_delay_seconds: float = 0.5
+    max_delay_seconds: float = 20.0
+    multiplier: float = 2.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Sleep before retry number ``attempt`` (0-based): half fixed, half random so writers spread out."""
+        ceiling = min(self.max_delay_seconds, self.initial_delay_seconds * self.multiplier**attempt)
+        return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Connection tuning; the defaults suit real S3, tests shorten them."""
+
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    multipart_threshold_bytes: int = 64 * 1024 * 1024
+    multipart_chunk_bytes: int = 64 * 1024 * 1024
+    max_concurrency: int = 4
+    connect_timeout_seconds: float = 10.0
+    read_timeout_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An object's key, size and (when recorded at upload) hex SHA-256."""
+
+    key: str
+    size: int
+    sha256: str | None = None
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """Split ``s3://bucket/key/prefix`` into ``("bucket", "key/prefix")``; the key may be empty."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI without a bucket: {uri!r}")
+    return bucket, key
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _error_code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _http_status(error: ClientError) -> int:
+    return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """The error and what it wraps: boto3's transfer layer re-raises client errors as its own types."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        for wrapped in (getattr(current, "last_exception", None), current.__cause__, current.__context__):
+            if isinstance(wrapped, BaseException):
+                pending.append(wrapped)
+
+
+def _classify(error: BaseException) -> Literal["access", "retry", "other"]:
+    for cause in _causes(error):
+        if isinstance(cause, ClientError):
+            code = _error_code(cause)
+            if code in ACCESS_ERROR_CODES:
+                return "access"
+            if code in RETRIABLE_ERROR_CODES or _http_status(cause) >= 500 or _http_status(cause) == 429:
+                return "retry"
+            return "other"
+        if isinstance(cause, BotoConnectionError | HTTPClientError | StorageIntegrityError | ConnectionError | TimeoutError):
+            return "retry"
+    return "other"
+
+
+def _describe(error: BaseException) -> str:
+    """A short cause for messages: the S3 error code and text, never request headers or keys."""
+    for cause in _causes(error):
+        if isinstance(cause, ClientError):
+            message = cause.response.get("Error", {}).get("Message", "")
+            return f"{_error_code(cause) or _http_status(cause)}: {message}".rstrip(": ")
+    return f"{type(error).__name__}: {error}"
+
+
+class S3Store:
+    """One bucket on one S3 endpoint, with retried and verified transfers."""
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        *,
+        endpoint_url: str | None = None,
+        settings: StoreSettings | None = None,
+        observer: StorageObserver | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.endpoint_url = endpoint_url
+        self.settings = settings or StoreSettings()
+        self.observer: StorageObserver = observer or NullObserver()
+        self._sleep = sleep
+        self._rng = random.Random()
+        self._transfer = TransferConfig(
+            multipart_threshold=self.settings.multipart_threshold_bytes,
+            multipart_chunksize=self.settings.multipart_chunk_bytes,
+            max_concurrency=self.settings.max_concurrency,
+        )
+
+    @classmethod
+    def from_output(
+        cls,
+        output: OutputSpec,
+        *,
+        env: Mapping[str, str] | None = None,
+        settings: StoreSettings | None = None,
+        observer: StorageObserver | None = None,
+    ) -> S3Store:
+        """A store for ``spec.output``: its endpoint and region, credentials from the environment.
+
+        Without AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY boto3's default chain applies (instance
+        profile, web identity), which is what "no credentialsSecret" means in the spec.
+        """
+        env = os.environ if env is None else env
+        settings = settings or StoreSettings()
+        endpoint = output.endpoint_url or env.get("AWS_ENDPOINT_URL") or None
+        region = output.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+        config = Config(
+            region_name=region,
+            connect_timeout=settings.connect_timeout_seconds,
+            read_timeout=settings.read_timeout_seconds,
+            # A couple of quick attempts inside botocore absorb single dropped requests (one
+            # part of a multipart upload); outages are ridden out by the store's own loop.
+            retries={"mode": "standard", "total_max_attempts": 3},
+            # S3-compatible stores (MinIO, Ceph) rarely serve virtual-hosted bucket names.
+            s3={"addressing_style": "path" if endpoint else "auto"},
+        )
+        key_id = env.get("AWS_ACCESS_KEY_ID")
+        secret = env.get("AWS_SECRET_ACCESS_KEY")
+        session = boto3.session.Session(
+            aws_access_key_id=key_id or None,
+            aws_secret_access_key=secret or None,
+            aws_session_token=env.get("AWS_SESSION_TOKEN") or None,
+        )
+        client = session.client("s3", endpoint_url=endpoint, config=config)
+        return cls(client, output.bucket, endpoint_url=endpoint, settings=settings, observer=observer)
+
+    # ---- retry loop -------------------------------------------------------------------------
+
+    def _retrying(self, operation: str, key: str, action: Callable[[], T]) -> T:
+        policy = self.settings.retry
+        began = time.monotonic()
+        deadline = began + policy.max_total_seconds
+        attempt = 0
+        while True:
+            try:
+                return action()
+            except Exception as error:
+                if isinstance(error, StorageError) and not isinstance(error, StorageIntegrityError):
+                    raise
+                kind = _classify(error)
+                if kind == "access":
+                    raise StorageAccessError(self._access_message(operation, key, error)) from error
+                if kind == "other" and any(isinstance(cause, ClientError) for cause in _causes(error)):
+                    raise StorageError(f"S3 {operation} of s3://{self.bucket}/{key} failed ({_describe(error)})") from error
+                if kind != "retry":
+                    raise
+                delay = policy.delay(attempt, self._rng)
+                if time.monotonic() + delay > deadline:
+                    raise StorageUnavailableError(
+                        f"S3 {operation} of s3://{self.bucket}/{key} failed {attempt + 1} times in "
+                        f"{time.monotonic() - began:.0f}s ({_describe(error)}); check that the endpoint "
+                        f"{self.endpoint_url or 'AWS S3'} is reachable from the pod. The job is retried from its newest checkpoint."
+                    ) from error
+                attempt += 1
+                self.observer.on_retry()
+                self._sleep(delay)
+
+    def _access_message(self, operation: str, key: str, error: BaseException) -> str:
+        return (
+            f"S3 refused {operation} of s3://{self.bucket}/{key} ({_describe(error)}). Check that bucket "
+            f"'{self.bucket}' exists at {self.endpoint_url or 'AWS S3'} in the configured region (spec.output.bucket, endpointUrl, region) "
+            "and that the key pair in spec.output.credentialsSecret may read and write it."
+        )
+
+    # ---- objects ------------------------------------------------------------------------------
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def head(self, key: str) -> ObjectInfo | None:
+        """Size and recorded SHA-256 of an object, or None when it does not exist."""
+        return self._retrying("HEAD", key, lambda: self._head_once(key))
+
+    def _head_once(self, key: str) -> ObjectInfo | None:
+        try:
+            response = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+        except ClientError as error:
+            if _error_code(error) in {"404", "NoSuchKey", "NotFound"}:
+                return None
+            raise
+        metadata = response.get("Metadata") or {}
+        sha = metadata.get(SHA256_METADATA_KEY) or _full_object_sha256(response)
+        return ObjectInfo(key=key, size=int(response["ContentLength"]), sha256=sha)
+
+    def exists(self, key: str) -> bool:
+        return self.head(key) is not None
+
+    def upload_file(self, local_path: Path, key: str, *, skip_if_identical: bool = True) -> ObjectInfo:
+        """Upload one file and confirm S3 holds exactly it (size and SHA-256) before returning.
+
+        With ``skip_if_identical`` an object already there with the same size and SHA-256 is kept,
+        which makes a repeated publication cheap after a partial earlier attempt.
+        """
+        size = local_path.stat().st_size
+        digest = sha256_file(local_path)
+        if skip_if_identical:
+            present = self.head(key)
+            if present is not None and present.size == size and present.sha256 == digest:
+                return ObjectInfo(key=key, size=size, sha256=digest)
+
+        def call() -> ObjectInfo:
+            self.client.upload_file(
+                str(local_path),
+                self.bucket,
+                key,
+                ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {SHA256_METADATA_KEY: digest}},
+                Config=self._transfer,
+            )
+            response = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+            self._check_uploaded(key, response, size, digest)
+            return ObjectInfo(key=key, size=size, sha256=digest)
+
+        info = self._retrying("upload", key, call)
+        self.observer.on_bytes("upload", size)
+        return info
+
+    def _check_uploaded(self, key: str, response: Mapping[str, Any], size: int, digest: str) -> None:
+        stored_size = int(response["ContentLength"])
+        server_sha = _full_object_sha256(response)
+        recorded = (response.get("Metadata") or {}).get(SHA256_METADATA_KEY)
+        if stored_size != size or (server_sha is not None and server_sha != digest) or recorded != digest:
+            raise StorageIntegrityError(
+                f"s3://{self.bucket}/{key} does not match the uploaded file (size {stored_size} vs {size}, sha256 {server_sha or recorded} vs {digest})"
+            )
+
+    def upload_dir(self, local_dir: Path, prefix: str, *, skip_if_identical: bool = True) -> list[ObjectInfo]:
+        """Upload every file under ``local_dir`` to ``prefix/<relative path>``, in path order."""
+        uploaded: list[ObjectInfo] = []
+        for path in iter_files(local_dir):
+            relative = path.relative_to(local_dir).as_posix()
+            uploaded.append(self.upload_file(path, join_key(prefix, relative), skip_if_identical=skip_if_identical))
+        return uploaded
+
+    def download_file(self, key: str, local_path: Path) -> ObjectInfo:
+        """Download an object atomically (temp file, then rename) and check its size and SHA-256."""
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = local_path.with_name(local_path.name + ".partial")
+
+        def call() -> ObjectInfo:
+            info = self._head_once(key)
+            if info is None:
+                raise StorageError(f"s3://{self.bucket}/{key} does not exist")
+            self.client.download_file(self.bucket, key, str(partial), Config=self._transfer)
+            size = partial.stat().st_size
+            if size != info.size or (info.sha256 is not None and sha256_file(partial) != info.sha256):
+                partial.unlink(missing_ok=True)
+                raise StorageIntegrityError(f"download of s3://{self.bucket}/{key} does not match the stored object's size or sha256")
+            os.replace(partial, local_path)
+            return info
+
+        try:
+            info = self._retrying("download", key, call)
+        finally:
+            partial.unlink(missing_ok=True)
+        self.observer.on_bytes("download", info.size)
+        return info
+
+    def download_prefix(self, prefix: str, local_dir: Path) -> list[Path]:
+        """Mirror every object under ``prefix`` into ``local_dir``; files already there with the same size are kept."""
+        base = prefix.rstrip("/") + "/" if prefix else ""
+        paths: list[Path] = []
+        for info in self.list_objects(base):
+            if info.key.endswith("/"):
+                # Zero-byte "folder" markers that consoles and some tools create.
+                continue
+            relative = safe_relative_path(info.key[len(base) :])
+            target = local_dir / relative
+            if not (target.is_file() and target.stat().st_size == info.size):
+                self.download_file(info.key, target)
+            paths.append(target)
+        return paths
+
+    def put_bytes(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> ObjectInfo:
+        """Write a small object in one request, checked by S3 against its SHA-256."""
+        raw = hashlib.sha256(data).digest()
+
+        def call() -> ObjectInfo:
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                ContentType=content_type,
+                ChecksumSHA256=base64.b64encode(raw).decode("ascii"),
+                Metadata={SHA256_METADATA_KEY: raw.hex()},
+            )
+            return ObjectInfo(key=key, size=len(data), sha256=raw.hex())
+
+        info = self._retrying("upload", key, call)
+        self.observer.on_bytes("upload", len(data))
+        return info
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """An object's content, or None when it does not exist."""
+
+        def call() -> bytes | None:
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=key)
+            except ClientError as error:
+                if _error_code(error) in {"NoSuchKey", "404"}:
+                    return None
+                raise
+            body: bytes = response["Body"].read()
+            if len(body) != int(response["ContentLength"]):
+                raise StorageIntegrityError(f"short read of s3://{self.bucket}/{key}")
+            return body
+
+        data = self._retrying("download", key, call)
+        if data is not None:
+            self.observer.on_bytes("download", len(data))
+        return data
+
+    def sha256_object(self, key: str) -> str | None:
+        """Hex SHA-256 of an object's content, streamed (not held in memory); None when it does not exist."""
+
+        def call() -> tuple[str, int] | None:
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=key)
+            except ClientError as error:
+                if _error_code(error) in {"NoSuchKey", "404"}:
+                    return None
+                raise
+            digest = hashlib.sha256()
+            read = 0
+            for chunk in response["Body"].iter_chunks(1 << 20):
+                digest.update(chunk)
+                read += len(chunk)
+            if read != int(response["ContentLength"]):
+                raise StorageIntegrityError(f"short read of s3://{self.bucket}/{key}")
+            return digest.hexdigest(), read
+
+        result = self._retrying("download", key, call)
+        if result is None:
+            return None
+        self.observer.on_bytes("download", result[1])
+        return result[0]
+
+    def put_json(self, key: str, document: Any) -> ObjectInfo:
+        data = json.dumps(document, indent=2, sort_keys=True).encode("utf-8")
+        return self.put_bytes(key, data, content_type="application/json")
+
+    def get_json(self, key: str) -> Any | None:
+        """A parsed JSON object, or None when the key does not exist."""
+        data = self.get_bytes(key)
+        return None if data is None else json.loads(data)
+
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        """Every object under ``prefix`` (recursively), sorted by key; sizes only, no checksums."""
+
+        def call() -> list[ObjectInfo]:
+            found: list[ObjectInfo] = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                found.extend(ObjectInfo(key=item["Key"], size=int(item["Size"])) for item in page.get("Contents", []))
+            return sorted(found, key=lambda info: info.key)
+
+        return self._retrying("LIST", prefix, call)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        return [info.key for info in self.list_objects(prefix)]
+
+    def list_prefixes(self, prefix: str) -> list[str]:
+        """The "folders" directly under ``prefix`` (which should end in '/'), each ending in '/'."""
+
+        def call() -> list[str]:
+            found: list[str] = []
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/")
+            for page in pages:
+                found.extend(item["Prefix"] for item in page.get("CommonPrefixes", []))
+            return sorted(found)
+
+        return self._retrying("LIST", prefix, call)
+
+    def delete_keys(self, keys: list[str]) -> None:
+        """Delete objects, in batches of the 1,000 that one S3 request allows."""
+        for start in range(0, len(keys), 1000):
+            batch = keys[start : start + 1000]
+
+            def call(batch: list[str] = batch) -> None:
+                response = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+                errors = response.get("Errors") or []
+                if errors:
+                    raise ClientError({"Error": errors[0], "ResponseMetadata": {"HTTPStatusCode": 500}}, "DeleteObjects")
+
+            self._retrying("DELETE", batch[0], call)
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list_keys(prefix)
+        self.delete_keys(keys)
+        return len(keys)
+
+
+def _full_object_sha256(response: Mapping[str, Any]) -> str | None:
+    """Hex SHA-256 of the whole object from S3's own checksum, or None when S3 has none for it.
+
+    A multipart object's SHA-256 checksum is a checksum of its part checksums (COMPOSITE), not the
+    file's digest, so it is only used for single-part objects (ETag without a "-N" part count).
+    """
+    value = response.get("ChecksumSHA256")
+    multipart = "-" in str(response.get("ETag", "")) or response.get("ChecksumType") == "COMPOSITE"
+    if not isinstance(value, str) or multipart or "-" in value:
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+    return raw.hex() if len(raw) == 32 else None
+
+
+def join_key(*parts: str) -> str:
+    """Join key segments with single slashes, dropping empty ones."""
+    return "/".join(part.strip("/") for part in parts if part.strip("/"))
+
+
+def iter_files(root: Path) -> list[Path]:
+    """Regular files under ``root``, sorted by relative path, so uploads and manifests are deterministic."""
+    return sorted((path for path in root.rglob("*") if path.is_file()), key=lambda path: path.relative_to(root).as_posix())
+
+
+def safe_relative_path(relative: str) -> PurePosixPath:
+    """A key suffix as a relative path; rejects absolute paths and '..' so a bucket cannot write outside the target."""
+    path = PurePosixPath(relative)
+    if not relative or path.is_absolute() or ".." in path.parts:
+        raise StorageError(f"refusing to write object key suffix {relative!r} outside the target directory")
+    return path
