@@ -6,12 +6,14 @@ it. Missing binaries fail the tests (never skip them) with the command that buil
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from localcluster import LocalCluster, MissingBinariesError, locate_bin_dir
+from localcluster.stack import KubetuneStack, StackSettings
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +35,26 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, cluster_bin_dir: Path) -> 
         yield local
     finally:
         local.stop()
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def stack(cluster_bin_dir: Path) -> Iterator[KubetuneStack]:
+    """The whole stack on its own control plane: node agent, S3, Prometheus, kubetune installed by helm.
+
+    Its files and every component's log stay in .cache/e2e after the session, for diagnosis.
+    """
+    workdir = REPO / ".cache" / "e2e"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    running = KubetuneStack(StackSettings(workdir=workdir))
+    try:
+        running.start()
+    except Exception as error:
+        pytest.fail(f"the kubetune stack did not start: {error}\nlogs: {workdir}", pytrace=False)
+    try:
+        yield running
+    finally:
+        running.stop()

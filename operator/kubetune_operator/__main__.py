@@ -1,0 +1,73 @@
+"""Entry point: ``python -m kubetune_operator`` runs the kopf operator in this process."""
+
+from __future__ import annotations
+
+import logging
+
+import kopf
+from kubernetes import client, config
+
+from kubetune_operator import manifests
+from kubetune_operator.handlers import register
+from kubetune_operator.metrics import Health, MetricsServer, OperatorMetrics
+from kubetune_operator.runtime import Clients, Runtime
+from kubetune_operator.settings import OperatorSettings
+
+ANNOTATION_PREFIX = "kubetune.io"
+
+
+def kube_client(settings: OperatorSettings) -> client.ApiClient:
+    """An API client from the pod's service account, or from the kubeconfig outside a cluster."""
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    # One pooled connection per handler thread, so handlers do not queue for connections.
+    configuration.connection_pool_maxsize = settings.max_workers
+    return client.ApiClient(configuration)
+
+
+def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
+    """kopf configured for a CRD whose schema prunes unknown status fields."""
+    kopf_config = kopf.OperatorSettings()
+    # The status schema declares only kubetune's fields, so kopf keeps its state in annotations.
+    kopf_config.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    kopf_config.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
+    kopf_config.posting.reporting_component = "kubetune-operator"
+    kopf_config.posting.level = logging.WARNING
+    kopf_config.execution.max_workers = settings.max_workers
+    # Only the operator's own children are streamed from the apiserver, not every pod and Job.
+    selector = f"{manifests.LABEL_MANAGED_BY}={manifests.MANAGED_BY}"
+    kopf_config.watching.label_selectors["v1", "pods"] = selector
+    kopf_config.watching.label_selectors["batch", "v1", "jobs"] = selector
+    if settings.peering:
+        kopf_config.peering.mandatory = True
+    return kopf_config
+
+
+def main() -> None:
+    settings = OperatorSettings()
+    kopf.configure(verbose=False, log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.PLAIN)
+    metrics = OperatorMetrics()
+    health = Health()
+    registry = kopf.OperatorRegistry()
+    register(registry, Runtime(settings=settings, clients=Clients.from_api_client(kube_client(settings)), metrics=metrics, health=health))
+    server = MetricsServer(settings.operator_host, settings.operator_port, metrics, health)
+    server.start()
+    try:
+        kopf.run(
+            registry=registry,
+            settings=kopf_settings(settings),
+            standalone=not settings.peering,
+            peering_name=settings.peering or None,
+            clusterwide=settings.clusterwide,
+            namespaces=settings.watch_namespaces,
+            ready_flag=health.ready,
+        )
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""Pure builders: a FinetuneJob in, the manifests of its children out (no I/O).
+
+Names and labels are deterministic, so creating a child twice answers 409 instead of making a
+duplicate, and the operator finds its children again after a restart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from kubetune_operator.api import API_VERSION, KIND, FinetuneJob
+from kubetune_operator.settings import OperatorSettings
+from kubetune_trainer.config import RuntimeConfig, TrainerConfig, TrainingRecipe
+from kubetune_trainer.exitcodes import NON_RETRIABLE
+
+Manifest = dict[str, Any]
+
+CONTAINER_NAME = "trainer"
+CONFIG_KEY = "config.yaml"
+CONFIG_DIR = "/etc/kubetune"
+WORK_DIR = "/var/lib/kubetune"
+MODELS_DIR = "/models"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+RENDEZVOUS_PORT = 29500
+RUN_AS_USER = 1000
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_FINETUNEJOB = "kubetune.io/finetunejob"
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+APP_NAME = "kubetune-trainer"
+MANAGED_BY = "kubetune"
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def job_name(name: str) -> str:
+    return f"{name}-trainer"
+
+
+def service_name(name: str) -> str:
+    return f"{name}-trainer"
+
+
+def child_labels(name: str) -> dict[str, str]:
+    """Labels on every child; kubetune.io/finetunejob is how watches map a child to its owner."""
+    return {
+        LABEL_NAME: APP_NAME,
+        LABEL_INSTANCE: name,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_FINETUNEJOB: name,
+    }
+
+
+def owner_reference(job: FinetuneJob) -> Manifest:
+    """Controller reference: deleting the FinetuneJob garbage-collects the child."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job.metadata.name,
+        "uid": job.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(job: FinetuneJob, name: str, extra_labels: dict[str, str] | None = None) -> Manifest:
+    return {
+        "name": name,
+        "namespace": job.metadata.namespace,
+        "labels": {**child_labels(job.metadata.name), **(extra_labels or {})},
+        "ownerReferences": [owner_reference(job)],
+    }
+
+
+def trainer_config(job: FinetuneJob, settings: OperatorSettings) -> TrainerConfig:
+    """The trainer's input: the spec's recipe fields plus how the operator runs it."""
+    spec = job.spec
+    recipe = spec.model_dump(include=set(TrainingRecipe.model_fields))
+    runtime = RuntimeConfig(
+        namespace=job.metadata.namespace,
+        job_name=job.metadata.name,
+        gpus_per_node=spec.resources.gpus,
+        nodes=spec.resources.nodes,
+        metrics_port=settings.trainer_metrics_port,
+        work_dir=WORK_DIR,
+        termination_message_path=TERMINATION_MESSAGE_PATH,
+    )
+    return TrainerConfig.model_validate({**recipe, "runtime": runtime})
+
+
+def build_config_map(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
+    """ConfigMap `<name>-config` with the trainer config; it holds Secret names only, never values."""
+    text = yaml.safe_dump(trainer_config(job, settings).to_api(), sort_keys=True)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, config_map_name(job.metadata.name)),
+        "data": {CONFIG_KEY: text},
+    }
+
+
+def build_service(job: FinetuneJob, settings: OperatorSettings) -> Manifest | None:
+    """Headless Service giving each trainer pod a DNS name for rendezvous; only for nodes > 1."""
+    if job.spec.resources.nodes <= 1:
+        return None
+    name = job.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, service_name(name)),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {LABEL_FINETUNEJOB: name, LABEL_MANAGED_BY: MANAGED_BY},
+            # Ranks must resolve each other before any of them is ready.
+            "publishNotReadyAddresses": True,
+            "ports": [
+                {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"},
+                {"name": "metrics", "port": settings.trainer_metrics_port, "targetPort": settings.trainer_metrics_port, "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def _field_env(name: str, path: str) -> Manifest:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def _secret_env(name: str, secret: str, key: str) -> Manifest:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def _env(job: FinetuneJob) -> list[Manifest]:
+    spec = job.spec
+    resources = spec.resources
+    procs = max(resources.gpus, 1)
+    name = job.metadata.name
+    env: list[Manifest] = [
+        _field_env("KUBETUNE_METRICS_HOST", "status.podIP"),
+        _field_env("KUBETUNE_POD_NAME", "metadata.name"),
+        _field_env("KUBETUNE_NAMESPACE", "metadata.namespace"),
+        {"name": "HOME", "value": WORK_DIR},
+        {"name": "HF_HOME", "value": f"{WORK_DIR}/hf"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "NNODES", "value": str(resources.nodes)},
+        {"name": "NPROC_PER_NODE", "value": str(procs)},
+        {"name": "WORLD_SIZE", "value": str(resources.nodes * procs)},
+        {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+    ]
+    if resources.nodes > 1:
+        env.append({"name": "MASTER_ADDR", "value": f"{job_name(name)}-0.{service_name(name)}"})
+        env.append(_field_env("NODE_RANK", f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"))
+    else:
+        env.append({"name": "MASTER_ADDR", "value": "127.0.0.1"})
+        env.append({"name": "NODE_RANK", "value": "0"})
+    if spec.model.cache_volume_claim:
+        env.append({"name": "HF_HUB_CACHE", "value": f"{MODELS_DIR}/hub"})
+    credentials = spec.output.credentials_secret
+    if credentials is not None:
+        env.append(_secret_env("AWS_ACCESS_KEY_ID", credentials.name, credentials.access_key_id_key))
+        env.append(_secret_env("AWS_SECRET_ACCESS_KEY", credentials.name, credentials.secret_access_key_key))
+    token = spec.model.token_secret_ref
+    if token is not None:
+        env.append(_secret_env("HF_TOKEN", token.name, token.key))
+    return env
+
+
+def _resources(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
+    spec = job.spec.resources
+    limits: dict[str, str] = {}
+    if spec.gpus > 0:
+        limits[spec.gpu_resource_name] = str(spec.gpus)
+    cpu = spec.cpu or settings.trainer_default_cpu
+    memory = spec.memory or settings.trainer_default_memory
+    if cpu:
+        limits["cpu"] = cpu
+    if memory:
+        limits["memory"] = memory
+    return {"limits": dict(limits), "requests": dict(limits)} if limits else {}
+
+
+def _tolerations(job: FinetuneJob) -> list[Manifest]:
+    spec = job.spec.resources
+    tolerations: list[Manifest] = []
+    if spec.gpus > 0:
+        # GPU pools are tainted with the resource name so that only GPU workloads land there.
+        tolerations.append({"key": spec.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"})
+    tolerations.extend(t.to_api() for t in spec.tolerations)
+    return tolerations
+
+
+def _volumes(job: FinetuneJob) -> tuple[list[Manifest], list[Manifest]]:
+    name = job.metadata.name
+    volumes: list[Manifest] = [
+        {"name": "config", "configMap": {"name": config_map_name(name)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": job.spec.resources.shm_size}},
+        {"name": "scratch", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[Manifest] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "scratch", "mountPath": WORK_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    claim = job.spec.model.cache_volume_claim
+    if claim:
+        volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": "models", "mountPath": MODELS_DIR})
+    return volumes, mounts
+
+
+def _container(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
+    _, mounts = _volumes(job)
+    container: Manifest = {
+        "name": CONTAINER_NAME,
+        "image": job.spec.resources.image or settings.trainer_image,
+        "imagePullPolicy": settings.trainer_pull_policy,
+        "command": settings.trainer_command,
+        "args": ["--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
+        "env": _env(job),
+        "ports": [{"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"}],
+        "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if job.spec.resources.nodes > 1:
+        container["ports"].append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
+    resources = _resources(job, settings)
+    if resources:
+        container["resources"] = resources
+    return container
+
+
+def _pod_spec(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
+    spec = job.spec.resources
+    volumes, _ = _volumes(job)
+    pod: Manifest = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [_container(job, settings)],
+        "volumes": volumes,
+    }
+    if settings.trainer_image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": name} for name in settings.trainer_image_pull_secrets]
+    tolerations = _tolerations(job)
+    if tolerations:
+        pod["tolerations"] = tolerations
+    if spec.node_selector:
+        pod["nodeSelector"] = dict(spec.node_selector)
+    if spec.affinity is not None:
+        pod["affinity"] = _prune(spec.affinity.to_api())
+    if spec.priority_class_name:
+        pod["priorityClassName"] = spec.priority_class_name
+    if spec.nodes > 1:
+        pod["subdomain"] = service_name(job.metadata.name)
+    return pod
+
+
+def _prune(value: Any) -> Any:
+    """Drop empty lists and objects, which the API would store as noise."""
+    if isinstance(value, dict):
+        pruned = {k: _prune(v) for k, v in value.items()}
+        return {k: v for k, v in pruned.items() if v not in ({}, [])}
+    if isinstance(value, list):
+        return [_prune(v) for v in value]
+    return value
+
+
+def pod_failure_policy() -> Manifest:
+    """Input errors fail the Job at once; evictions and preemptions do not count as failures."""
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": sorted(int(code) for code in NON_RETRIABLE)},
+            },
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
+
+
+def build_job(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
+    """batch/v1 Job `<name>-trainer`: one pod per node; an Indexed Job when nodes > 1."""
+    spec = job.spec
+    name = job.metadata.name
+    extra_labels = {LABEL_KUEUE_QUEUE: spec.queue_name} if spec.queue_name else None
+    job_spec: Manifest = {
+        "backoffLimit": spec.backoff_limit,
+        # Kueue admits a queued Job by unsuspending it, so such a Job always starts suspended.
+        "suspend": spec.suspend or spec.queue_name is not None,
+        "podFailurePolicy": pod_failure_policy(),
+        "template": {
+            "metadata": {
+                "labels": child_labels(name),
+                "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(settings.trainer_metrics_port)},
+            },
+            "spec": _pod_spec(job, settings),
+        },
+    }
+    if spec.resources.nodes > 1:
+        job_spec.update({"completionMode": "Indexed", "completions": spec.resources.nodes, "parallelism": spec.resources.nodes})
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(job, job_name(name), extra_labels), "spec": job_spec}
+
+
+def lifecycle_patch(job: FinetuneJob) -> Manifest:
+    """Merge patch for the Job fields a FinetuneJob may change after creation (None deletes a field)."""
+    spec = job.spec
+    patch: Manifest = {
+        "backoffLimit": spec.backoff_limit,
+        "activeDeadlineSeconds": spec.active_deadline_seconds,
+        "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
+    }
+    # With Kueue, admission owns the Job's suspend field; writing it would fight Kueue.
+    if spec.queue_name is None:
+        patch["suspend"] = spec.suspend
+    return {"spec": patch}
+
+
+def build_children(job: FinetuneJob, settings: OperatorSettings) -> list[Manifest]:
+    """All children in creation order: the config and Service exist before the pods need them."""
+    children = [build_config_map(job, settings)]
+    service = build_service(job, settings)
+    if service is not None:
+        children.append(service)
+    children.append(build_job(job, settings))
+    return children

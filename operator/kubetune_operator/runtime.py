@@ -1,0 +1,107 @@
+"""What the handlers share: settings, API clients, metrics, and per-FinetuneJob write state."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from kubetune_operator.metrics import Health, OperatorMetrics
+from kubetune_operator.settings import OperatorSettings
+
+Obj = dict[str, Any]
+Key = tuple[str, str]
+
+
+@dataclass
+class Clients:
+    core: client.CoreV1Api
+    batch: client.BatchV1Api
+    custom: client.CustomObjectsApi
+
+    @classmethod
+    def from_api_client(cls, api_client: client.ApiClient) -> Clients:
+        return cls(client.CoreV1Api(api_client), client.BatchV1Api(api_client), client.CustomObjectsApi(api_client))
+
+
+@dataclass
+class Runtime:
+    """What the handlers share: settings, API clients, metrics, and per-FinetuneJob write state."""
+
+    settings: OperatorSettings
+    clients: Clients
+    metrics: OperatorMetrics
+    health: Health
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+    _locks: dict[Key, threading.Lock] = field(default_factory=dict)
+    # The status last written per FinetuneJob: watch events may lag behind our own writes.
+    _written: dict[Key, Obj] = field(default_factory=dict)
+    _queued: set[Key] = field(default_factory=set)
+    _running: set[Key] = field(default_factory=set)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # kopf's live index views, kept from the first handler call for the progress ticker.
+    indexes: dict[str, Any] | None = None
+
+    def track(self, key: Key, running: bool) -> None:
+        """Remember which FinetuneJobs have a running trainer, whose progress the ticker reads."""
+        with self._guard:
+            if running:
+                self._running.add(key)
+            else:
+                self._running.discard(key)
+
+    def running_keys(self) -> list[Key]:
+        with self._guard:
+            return sorted(self._running)
+
+    def lock(self, key: Key) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def queue(self, key: Key) -> bool:
+        """Mark a plain refresh of `key` as waiting; False when one is waiting already."""
+        with self._guard:
+            if key in self._queued:
+                return False
+            self._queued.add(key)
+            return True
+
+    def dequeue(self, key: Key) -> None:
+        with self._guard:
+            self._queued.discard(key)
+
+    def forget(self, key: Key) -> None:
+        with self._guard:
+            self._locks.pop(key, None)
+            self._written.pop(key, None)
+            self._queued.discard(key)
+            self._running.discard(key)
+
+    @contextmanager
+    def timed(self, handler: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        except (kopf.TemporaryError, kopf.PermanentError):
+            raise
+        except ApiException as error:
+            self.metrics.reconcile_errors.labels(kind=f"api{error.status}").inc()
+            raise
+        except Exception as error:
+            self.metrics.reconcile_errors.labels(kind=type(error).__name__).inc()
+            raise
+        finally:
+            self.metrics.reconcile_duration.labels(handler=handler).observe(time.perf_counter() - start)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)

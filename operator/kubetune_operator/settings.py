@@ -1,0 +1,74 @@
+"""The operator's settings: one typed object read from KUBETUNE_* environment variables."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from kubetune_trainer import __version__
+
+DEFAULT_TRAINER_IMAGE = f"ghcr.io/kubetune/trainer:{__version__}"
+
+
+class OperatorSettings(BaseSettings):
+    """How the operator runs; every field comes from the environment variable KUBETUNE_<FIELD>."""
+
+    model_config = SettingsConfigDict(env_prefix="KUBETUNE_", extra="ignore", frozen=True)
+
+    watch_namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Namespaces to watch (comma-separated in the environment); empty watches the whole cluster.",
+    )
+    trainer_image: str = Field(default=DEFAULT_TRAINER_IMAGE, min_length=1, description="Image of the trainer pods.")
+    trainer_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(default="IfNotPresent", description="imagePullPolicy of the trainer container.")
+    operator_port: int = Field(default=8080, ge=1, le=65535, description="Port of the operator's /metrics, /healthz and /readyz server.")
+    operator_host: str = Field(default="0.0.0.0", description="Bind address of the operator's metrics and health server.")
+    trainer_metrics_port: int = Field(default=9184, ge=1, le=65535, description="Port of the trainer's Prometheus endpoint.")
+    peering: str = Field(default="", description="kopf peering object name; empty runs standalone (a single replica).")
+    log_format: Literal["json", "text"] = Field(default="text", description="Log line format.")
+    progress_interval_seconds: float = Field(default=5.0, gt=0, description="How often the progress of a running trainer is read.")
+    trainer_cpu_command: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Replacement of the trainer container command (one shell-style line), for local clusters that run pods as processes.",
+    )
+    trainer_default_cpu: str = Field(default="", description="CPU request and limit of trainer pods whose FinetuneJob sets no spec.resources.cpu.")
+    trainer_default_memory: str = Field(default="", description="Memory request and limit of trainer pods whose FinetuneJob sets no spec.resources.memory.")
+    trainer_image_pull_secrets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Secrets with registry credentials for the trainer image (comma-separated in the environment)."
+    )
+    secret_retry_seconds: float = Field(default=10.0, gt=0, description="Delay between checks for a referenced Secret that does not exist yet.")
+    scrape_timeout_seconds: float = Field(default=2.0, gt=0, description="Timeout of one read of a trainer's /metrics.")
+    max_workers: int = Field(default=32, ge=1, le=256, description="Threads that run handlers; they block on API calls, so more threads hide API latency.")
+    termination_grace_seconds: int = Field(default=300, ge=30, description="Grace period of trainer pods: time to checkpoint after SIGTERM.")
+    pod_namespace: str = Field(
+        default="",
+        validation_alias=AliasChoices("POD_NAMESPACE", "KUBETUNE_POD_NAMESPACE"),
+        description="Namespace the operator itself runs in (from the downward API).",
+    )
+
+    @field_validator("watch_namespaces", "trainer_image_pull_secrets", mode="before")
+    @classmethod
+    def _split_namespaces(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trainer_cpu_command", mode="before")
+    @classmethod
+    def _split_command(cls, value: object) -> object:
+        if isinstance(value, str):
+            return shlex.split(value)
+        return value
+
+    @property
+    def clusterwide(self) -> bool:
+        """True when no namespaces are listed: the operator watches every namespace."""
+        return not self.watch_namespaces
+
+    @property
+    def trainer_command(self) -> list[str]:
+        """The trainer container command, which trainer_cpu_command replaces when set."""
+        return list(self.trainer_cpu_command) or ["python", "-m", "kubetune_trainer"]

@@ -1,0 +1,362 @@
+"""The pure builders: every child manifest a FinetuneJob produces, checked field by field."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes.client import ApiClient, V1ConfigMap, V1Job, V1Service
+
+from kubetune_operator import manifests
+from kubetune_operator.api import FinetuneJob
+from kubetune_operator.settings import OperatorSettings
+from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.exitcodes import NON_RETRIABLE
+
+pytestmark = pytest.mark.unit
+
+BASE: dict[str, Any] = {
+    "apiVersion": "kubetune.io/v1alpha1",
+    "kind": "FinetuneJob",
+    "metadata": {"name": "llama", "namespace": "team-a", "uid": "0f6c-uid", "generation": 1},
+    "spec": {
+        "model": {"source": "meta-llama/Llama-3.1-8B", "tokenSecretRef": {"name": "hf-token", "key": "token"}},
+        "dataset": {"source": "s3://data/alpaca.jsonl", "format": "instruction"},
+        "training": {"maxSteps": 100},
+        "output": {"bucket": "adapters", "prefix": "runs", "credentialsSecret": {"name": "s3-creds"}},
+        "resources": {"gpus": 1},
+    },
+}
+
+
+def make(**spec_overrides: Any) -> FinetuneJob:
+    body = copy.deepcopy(BASE)
+    for key, value in spec_overrides.items():
+        body["spec"][key] = value
+    return FinetuneJob.from_body(body)
+
+
+def pod_spec(job: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = job["spec"]["template"]["spec"]
+    return spec
+
+
+def container(job: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = pod_spec(job)["containers"][0]
+    return found
+
+
+def env_of(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container(job)["env"]}
+
+
+SETTINGS = OperatorSettings()
+
+
+def round_trip(manifest: dict[str, Any], model: type[V1Job] | type[V1ConfigMap] | type[V1Service]) -> dict[str, Any]:
+    """Deserialize into the Kubernetes client's typed model and back: unknown or mistyped fields do not survive."""
+    client = ApiClient()
+    result: dict[str, Any] = client.sanitize_for_serialization(model.from_dict(manifest))  # type: ignore[no-untyped-call]
+    return result
+
+
+def test_single_gpu_job_requests_the_gpu_and_tolerates_its_taint() -> None:
+    job = manifests.build_job(make(), SETTINGS)
+    assert job["metadata"]["name"] == "llama-trainer"
+    assert job["metadata"]["namespace"] == "team-a"
+    assert container(job)["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec(job)["tolerations"]
+    assert env_of(job)["NPROC_PER_NODE"]["value"] == "1"
+    assert env_of(job)["NODE_RANK"]["value"] == "0"
+    assert "completionMode" not in job["spec"]
+    assert pod_spec(job)["restartPolicy"] == "Never"
+    assert job["spec"]["suspend"] is False
+    assert job["spec"]["backoffLimit"] == 3
+
+
+def test_multi_gpu_job_runs_one_process_per_gpu() -> None:
+    job = manifests.build_job(make(resources={"gpus": 4, "gpuResourceName": "amd.com/gpu", "cpu": "16", "memory": "128Gi"}), SETTINGS)
+    limits = container(job)["resources"]["limits"]
+    assert limits == {"amd.com/gpu": "4", "cpu": "16", "memory": "128Gi"}
+    assert container(job)["resources"]["requests"] == limits
+    assert env_of(job)["NPROC_PER_NODE"]["value"] == "4"
+    assert env_of(job)["WORLD_SIZE"]["value"] == "4"
+    assert pod_spec(job)["tolerations"][0] == {"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def test_multi_node_job_is_indexed_with_a_headless_service_for_rendezvous() -> None:
+    ftj = make(resources={"gpus": 8, "nodes": 3})
+    job = manifests.build_job(ftj, SETTINGS)
+    service = manifests.build_service(ftj, SETTINGS)
+    assert service is not None
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 3
+    assert pod_spec(job)["subdomain"] == "llama-trainer" == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert all(pod_labels[k] == v for k, v in service["spec"]["selector"].items())
+    env = env_of(job)
+    assert env["MASTER_ADDR"]["value"] == "llama-trainer-0.llama-trainer"
+    assert env["MASTER_PORT"]["value"] == "29500"
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert env["NNODES"]["value"] == "3"
+    assert env["WORLD_SIZE"]["value"] == "24"
+    assert [c["kind"] for c in manifests.build_children(ftj, SETTINGS)] == ["ConfigMap", "Service", "Job"]
+
+
+def test_single_node_has_no_service() -> None:
+    ftj = make()
+    assert manifests.build_service(ftj, SETTINGS) is None
+    assert [c["kind"] for c in manifests.build_children(ftj, SETTINGS)] == ["ConfigMap", "Job"]
+
+
+def test_cpu_job_asks_for_no_gpu_and_adds_no_gpu_toleration() -> None:
+    job = manifests.build_job(make(resources={"gpus": 0}), SETTINGS)
+    assert "resources" not in container(job)
+    assert "tolerations" not in pod_spec(job)
+    assert env_of(job)["NPROC_PER_NODE"]["value"] == "1"
+
+
+def test_kueue_job_is_labelled_and_created_suspended_and_suspend_is_left_to_kueue() -> None:
+    ftj = make(queueName="team-a-queue")
+    job = manifests.build_job(ftj, SETTINGS)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-queue"
+    assert job["spec"]["suspend"] is True
+    assert "suspend" not in manifests.lifecycle_patch(ftj)["spec"]
+
+
+def test_suspend_and_lifecycle_fields_reach_the_job() -> None:
+    ftj = make(suspend=True, backoffLimit=5, activeDeadlineSeconds=7200, ttlSecondsAfterFinished=600)
+    job = manifests.build_job(ftj, SETTINGS)
+    assert job["spec"]["suspend"] is True
+    assert job["spec"]["backoffLimit"] == 5
+    assert job["spec"]["activeDeadlineSeconds"] == 7200
+    assert job["spec"]["ttlSecondsAfterFinished"] == 600
+    assert manifests.lifecycle_patch(ftj) == {"spec": {"suspend": True, "backoffLimit": 5, "activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": 600}}
+    # Unset limits are removed from the Job by the merge patch.
+    assert manifests.lifecycle_patch(make())["spec"]["activeDeadlineSeconds"] is None
+
+
+def test_scheduling_constraints_come_from_the_spec() -> None:
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-H100-80GB-HBM3"]}]}]
+            }
+        }
+    }
+    ftj = make(
+        resources={
+            "gpus": 2,
+            "nodeSelector": {"pool": "training"},
+            "tolerations": [{"key": "spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}],
+            "affinity": affinity,
+            "priorityClassName": "low",
+        }
+    )
+    pod = pod_spec(manifests.build_job(ftj, SETTINGS))
+    assert pod["nodeSelector"] == {"pool": "training"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"},
+    ]
+    assert pod["affinity"] == affinity
+    assert pod["priorityClassName"] == "low"
+
+
+def test_credentials_only_via_secret_key_refs_and_never_in_the_config_map() -> None:
+    ftj = make()
+    env = env_of(manifests.build_job(ftj, SETTINGS))
+    assert env["AWS_ACCESS_KEY_ID"] == {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}}}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+    for entry in env.values():
+        if entry["name"].startswith("AWS_") or entry["name"] == "HF_TOKEN":
+            assert "value" not in entry
+    config_map = manifests.build_config_map(ftj, SETTINGS)
+    text = config_map["data"]["config.yaml"]
+    # Only references (Secret names and keys) appear; the ConfigMap has no environment or values of them.
+    assert "valueFrom" not in text and "AWS_ACCESS_KEY_ID=" not in text
+    assert set(config_map) == {"apiVersion", "kind", "metadata", "data"}
+
+
+def test_without_secrets_no_credential_env_is_set() -> None:
+    ftj = make(model={"source": "/models/tiny"}, output={"bucket": "adapters", "endpointUrl": "http://127.0.0.1:9000"})
+    env = env_of(manifests.build_job(ftj, SETTINGS))
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"} & set(env)
+
+
+def test_config_map_holds_the_trainer_config_with_runtime() -> None:
+    ftj = make(resources={"gpus": 2, "nodes": 2})
+    config_map = manifests.build_config_map(ftj, OperatorSettings(trainer_metrics_port=9300))
+    assert config_map["metadata"]["name"] == "llama-config"
+    config = TrainerConfig.model_validate(yaml.safe_load(config_map["data"]["config.yaml"]))
+    assert config.model.source == "meta-llama/Llama-3.1-8B"
+    assert config.training.max_steps == 100
+    assert config.runtime.namespace == "team-a"
+    assert config.runtime.job_name == "llama"
+    assert config.runtime.gpus_per_node == 2
+    assert config.runtime.nodes == 2
+    assert config.runtime.metrics_port == 9300
+    assert config.run_prefix == "runs/team-a/llama"
+
+
+def test_every_child_is_owned_and_labelled() -> None:
+    ftj = make(resources={"gpus": 8, "nodes": 2})
+    for child in manifests.build_children(ftj, SETTINGS):
+        meta = child["metadata"]
+        assert meta["ownerReferences"] == [
+            {"apiVersion": "kubetune.io/v1alpha1", "kind": "FinetuneJob", "name": "llama", "uid": "0f6c-uid", "controller": True, "blockOwnerDeletion": True}
+        ]
+        assert meta["labels"] == {
+            "app.kubernetes.io/name": "kubetune-trainer",
+            "app.kubernetes.io/instance": "llama",
+            "app.kubernetes.io/managed-by": "kubetune",
+            "kubetune.io/finetunejob": "llama",
+        }
+
+
+def test_pod_exposes_metrics_for_prometheus_and_the_pod_ip_to_the_trainer() -> None:
+    job = manifests.build_job(make(), SETTINGS)
+    annotations = job["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "9184"}
+    assert {"name": "metrics", "containerPort": 9184, "protocol": "TCP"} in container(job)["ports"]
+    env = env_of(job)
+    assert env["KUBETUNE_METRICS_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["KUBETUNE_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["HF_HOME"]["value"] == "/var/lib/kubetune/hf"
+
+
+def test_volumes_shm_scratch_config_and_model_cache() -> None:
+    ftj = make(model={"source": "meta-llama/Llama-3.1-8B", "cacheVolumeClaim": "model-cache"}, resources={"gpus": 1, "shmSize": "16Gi"})
+    job = manifests.build_job(ftj, SETTINGS)
+    volumes = {v["name"]: v for v in pod_spec(job)["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container(job)["volumeMounts"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert mounts["/dev/shm"] == "dshm"
+    assert mounts["/var/lib/kubetune"] == "scratch" and "emptyDir" in volumes["scratch"]
+    assert mounts["/etc/kubetune"] == "config" and volumes["config"]["configMap"]["name"] == "llama-config"
+    assert mounts["/models"] == "models" and volumes["models"]["persistentVolumeClaim"] == {"claimName": "model-cache"}
+    assert container(job)["args"] == ["--config", "/etc/kubetune/config.yaml"]
+    no_cache = manifests.build_job(make(), SETTINGS)
+    assert "models" not in {v["name"] for v in pod_spec(no_cache)["volumes"]}
+
+
+def test_pod_failure_policy_fails_fast_on_input_errors_and_ignores_disruptions() -> None:
+    policy = manifests.build_job(make(), SETTINGS)["spec"]["podFailurePolicy"]
+    fail, ignore = policy["rules"]
+    assert fail["action"] == "FailJob"
+    assert fail["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": sorted(int(c) for c in NON_RETRIABLE)}
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+
+
+def test_trainer_command_and_image_overrides() -> None:
+    settings = OperatorSettings(trainer_cpu_command=["/opt/venv/bin/python", "-m", "kubetune_trainer"], trainer_image="registry.local/trainer:dev")
+    job = manifests.build_job(make(), settings)
+    assert container(job)["command"] == ["/opt/venv/bin/python", "-m", "kubetune_trainer"]
+    assert container(job)["image"] == "registry.local/trainer:dev"
+    assert container(manifests.build_job(make(), SETTINGS))["command"] == ["python", "-m", "kubetune_trainer"]
+    custom = make(resources={"gpus": 1, "image": "example.com/custom:1"})
+    assert container(manifests.build_job(custom, settings))["image"] == "example.com/custom:1"
+
+
+def test_builders_are_deterministic() -> None:
+    ftj = make(resources={"gpus": 8, "nodes": 2})
+    assert manifests.build_children(ftj, SETTINGS) == manifests.build_children(make(resources={"gpus": 8, "nodes": 2}), SETTINGS)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"resources": {"gpus": 0}},
+        {"resources": {"gpus": 8, "nodes": 4, "cpu": "32", "memory": "256Gi"}},
+        {"queueName": "q", "suspend": True, "activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 60},
+        {"model": {"source": "x/y", "cacheVolumeClaim": "cache"}, "resources": {"gpus": 1, "priorityClassName": "high", "nodeSelector": {"a": "b"}}},
+    ],
+)
+def test_manifests_survive_the_kubernetes_api_models(overrides: dict[str, Any]) -> None:
+    ftj = make(**overrides)
+    job = manifests.build_job(ftj, SETTINGS)
+    assert round_trip(job, V1Job) == job
+    config_map = manifests.build_config_map(ftj, SETTINGS)
+    assert round_trip(config_map, V1ConfigMap) == config_map
+    service = manifests.build_service(ftj, SETTINGS)
+    if service is not None:
+        assert round_trip(service, V1Service) == service
+
+
+def test_round_trip_catches_a_misspelt_field() -> None:
+    job = manifests.build_job(make(), SETTINGS)
+    job["spec"]["template"]["spec"]["restartPolcy"] = "Never"
+    assert round_trip(job, V1Job) != job
+
+
+RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+
+
+def restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """Checks of the Pod Security "restricted" profile (v1.30+) that apply to a pod spec."""
+    problems: list[str] = []
+    pod_ctx = pod.get("securityContext", {})
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(flag):
+            problems.append(flag)
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUME_TYPES:
+            problems.append(f"volume {volume['name']} uses {kinds}")
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        ctx = c.get("securityContext", {})
+        if ctx.get("privileged"):
+            problems.append(f"{c['name']} privileged")
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{c['name']} allowPrivilegeEscalation")
+        caps = ctx.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            problems.append(f"{c['name']} drop ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{c['name']} adds capabilities")
+        if ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) is not True:
+            problems.append(f"{c['name']} runAsNonRoot")
+        if ctx.get("runAsUser", pod_ctx.get("runAsUser")) == 0:
+            problems.append(f"{c['name']} runs as root")
+        seccomp = ctx.get("seccompProfile", pod_ctx.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{c['name']} seccomp")
+        for port in c.get("ports", []):
+            if port.get("hostPort"):
+                problems.append(f"{c['name']} hostPort")
+    return problems
+
+
+@pytest.mark.parametrize("resources", [{"gpus": 0}, {"gpus": 1}, {"gpus": 8, "nodes": 2}])
+def test_pods_meet_pod_security_restricted(resources: dict[str, Any]) -> None:
+    job = manifests.build_job(make(resources=resources), SETTINGS)
+    pod = pod_spec(job)
+    assert restricted_violations(pod) == []
+    assert pod["securityContext"]["runAsUser"] == 1000
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["terminationGracePeriodSeconds"] >= 300
+    assert container(job)["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert container(job)["terminationMessagePath"] == "/dev/termination-log"
+
+
+def test_restricted_check_rejects_a_privileged_pod() -> None:
+    pod = pod_spec(manifests.build_job(make(), SETTINGS))
+    pod["containers"][0]["securityContext"] = {"privileged": True}
+    pod["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    assert len(restricted_violations(pod)) >= 4
+
+
+def test_operator_defaults_fill_unset_resources_and_pull_secrets() -> None:
+    settings = OperatorSettings(trainer_default_cpu="2", trainer_default_memory="4Gi", trainer_image_pull_secrets=["regcred"])
+    job = manifests.build_job(make(resources={"gpus": 0}), settings)
+    assert container(job)["resources"] == {"limits": {"cpu": "2", "memory": "4Gi"}, "requests": {"cpu": "2", "memory": "4Gi"}}
+    assert pod_spec(job)["imagePullSecrets"] == [{"name": "regcred"}]
+    explicit = manifests.build_job(make(resources={"gpus": 0, "memory": "8Gi"}), settings)
+    assert container(explicit)["resources"]["limits"]["memory"] == "8Gi"
+    assert round_trip(job, V1Job) == job
