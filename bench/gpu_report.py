@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from kubetune_trainer.checkpoints import TrainingState
 from kubetune_trainer.config import ComputeDtype, LoraSpec, Optimizer, Precision, QuantizationSpec, QuantType, TrainingSpec
 from kubetune_trainer.distributed import Context
@@ -65,7 +66,7 @@ class SyntheticStream:
         return 0.0
 
 
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {
     "8b": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8},
     # A quick rehearsal of the whole script on a CPU.
     "tiny": {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
@@ -172,15 +173,18 @@ def main() -> None:
     import peft
     import transformers
 
-    print(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}))
+    print(
+        json.dumps({"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__})
+    )
     started = time.monotonic()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     params = build_random_llama(args.model_dir, args.shape, device)
     print(json.dumps({"built_random_model_params": params, "seconds": round(time.monotonic() - started, 1)}), flush=True)
     qlora = QuantizationSpec(bits=4, type=QuantType.NF4, double_quant=True, compute_dtype=ComputeDtype.BFLOAT16)
+    common: dict[str, Any] = {"seq": args.seq, "steps": args.steps, "device": device}
     results = [
-        run_case("qlora-8b", args.model_dir, params, quant=qlora, batch=2, seq=args.seq, gc=True, optimizer=Optimizer.PAGED_ADAMW_8BIT, steps=args.steps, device=device),
-        run_case("lora-bf16-8b", args.model_dir, params, quant=None, batch=4, seq=args.seq, gc=False, optimizer=Optimizer.ADAMW, steps=args.steps, device=device),
+        run_case("qlora-8b", args.model_dir, params, quant=qlora, batch=2, gc=True, optimizer=Optimizer.PAGED_ADAMW_8BIT, **common),
+        run_case("lora-bf16-8b", args.model_dir, params, quant=None, batch=4, gc=False, optimizer=Optimizer.ADAMW, **common),
     ]
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=1))

@@ -100,7 +100,9 @@ class Affinity(ApiModel):
 class ResourcesSpec(ApiModel):
     """Where and on how much hardware the trainer runs."""
 
-    model_config = ConfigDict(json_schema_extra=validations(cel("!has(self.nodes) || self.nodes == 1 || !has(self.gpus) || self.gpus > 0", SPEC_MESSAGES["multinode"])))
+    model_config = ConfigDict(
+        json_schema_extra=validations(cel("!has(self.nodes) || self.nodes == 1 || !has(self.gpus) || self.gpus > 0", SPEC_MESSAGES["multinode"]))
+    )
 
     gpus: int = Field(default=1, ge=0, le=64, description="GPUs per node (pod). 0 runs a CPU-only trainer (tests and demos).")
     nodes: int = Field(default=1, ge=1, le=256, description="Number of nodes; above 1 the trainer runs as an Indexed Job with one pod per node.")

@@ -46,7 +46,7 @@ def adapter_is_complete(stack: KubetuneStack, uri: str) -> bool:
     assert stack.s3 is not None
     bucket = uri.removeprefix("s3://").split("/", 1)[0]
     output = OutputSpec(bucket=bucket, endpoint_url=stack.s3.endpoint_url, region="us-east-1")
-    return verify_adapter(S3Store.from_output(output, env=stack.s3.env()), uri)
+    return bool(verify_adapter(S3Store.from_output(output, env=stack.s3.env()), uri))
 
 
 def pids_of_pod(pod_name: str) -> list[int]:

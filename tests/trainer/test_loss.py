@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kubetune_trainer.loss import LossModel, chunked_cross_entropy, supports_chunked_loss
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from kubetune_trainer.loss import LossModel, chunked_cross_entropy, supports_chunked_loss
 
 pytestmark = pytest.mark.trainer
 

@@ -6,7 +6,8 @@ Each case changes the tiny CPU example at dotted paths.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 
@@ -17,7 +18,7 @@ class InvalidSpec:
     field: str
     """A field path fragment the error message must contain."""
     DELETE: ClassVar[object] = object()
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 INVALID_SPECS: list[InvalidSpec] = [

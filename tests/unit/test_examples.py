@@ -43,7 +43,7 @@ def rejection(body: dict[str, Any]) -> str | None:
         FinetuneJob.model_validate(body)
     except pydantic.ValidationError as exc:
         first = exc.errors()[0]
-        return "spec." + ".".join(str(p) for p in first["loc"][1:]) + ": " + first["msg"]
+        return "spec." + ".".join(str(p) for p in first["loc"][1:]) + ": " + str(first["msg"])
     return None
 
 

@@ -140,8 +140,22 @@ class Prometheus:
         config_path = self.workdir / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(config))
         self.port = self.port or free_ports(1)[0]
-        log = (self.workdir / "prometheus.log").open("ab")
-        self.process = subprocess.Popen(
+        with (self.workdir / "prometheus.log").open("ab") as log:
+            self.process = self._spawn(binary, config_path, log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"prometheus exited with {self.process.returncode}: see {self.workdir / 'prometheus.log'}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError(f"prometheus did not become ready in {timeout:.0f}s: see {self.workdir / 'prometheus.log'}")
+
+    def _spawn(self, binary: str, config_path: Path, log: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             [
                 binary,
                 f"--config.file={config_path}",
@@ -154,17 +168,6 @@ class Prometheus:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.process.returncode}: see {self.workdir / 'prometheus.log'}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise TimeoutError(f"prometheus did not become ready in {timeout:.0f}s: see {self.workdir / 'prometheus.log'}")
 
     def stop(self) -> None:
         if self.discovery is not None:

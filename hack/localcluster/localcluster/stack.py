@@ -142,8 +142,17 @@ class KubetuneStack:
 
     def start_agent(self) -> None:
         assert self.cluster is not None
-        log = (self.workdir / "nodeagent.log").open("ab")
-        self._agent = subprocess.Popen(
+        with (self.workdir / "nodeagent.log").open("ab") as log:
+            self._agent = self._spawn_agent(log)
+        self.wait_for(
+            lambda: self.kubectl("get", "node", "cpu-node-0", "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}", check=False).stdout == "True",
+            60,
+            "cpu-node-0 Ready",
+        )
+
+    def _spawn_agent(self, log: Any) -> subprocess.Popen[bytes]:
+        assert self.cluster is not None
+        return subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -161,11 +170,6 @@ class KubetuneStack:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "hack" / "localcluster"), str(REPO)])},
-        )
-        self.wait_for(
-            lambda: self.kubectl("get", "node", "cpu-node-0", "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}", check=False).stdout == "True",
-            60,
-            "cpu-node-0 Ready",
         )
 
     def stop_agent(self) -> None:
