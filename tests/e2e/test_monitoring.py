@@ -10,6 +10,7 @@ from tests.support.dashboards import dashboard_queries
 pytestmark = pytest.mark.e2e
 
 JOB = "monitored"
+BROKEN = "monitored-broken"
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +18,15 @@ def finished_job(stack: KubetuneStack) -> str:
     body = stack.example("tiny-cpu-lora.yaml", training={"maxSteps": 120, "logEvery": 2, "checkpointEvery": 40})
     body["metadata"]["name"] = JOB
     stack.apply(body)
+    # A job whose dataset lacks its text field fails at once (no retries): the failure panels get data too.
+    broken = stack.example("tiny-cpu-lora.yaml", dataset={"textField": "body"})
+    broken["metadata"]["name"] = BROKEN
+    stack.apply(broken)
     status = stack.wait_for_phase(JOB, {"Succeeded", "Failed"}, timeout=600)["status"]
     assert status["phase"] == "Succeeded", status
+    failed = stack.wait_for_phase(BROKEN, {"Succeeded", "Failed"}, timeout=300)["status"]
+    assert failed["phase"] == "Failed" and failed["attempts"] == 1, failed
+    assert "body" in failed["message"], failed["message"]
     return JOB
 
 

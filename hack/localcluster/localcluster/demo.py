@@ -18,7 +18,8 @@ from typing import Any
 from localcluster.stack import DEMO_BUCKET, REPO, KubetuneStack, StackSettings
 
 EXAMPLE = "tiny-cpu-lora.yaml"
-PROMPT = "The quick brown fox"
+PROMPT = "The lighthouse keeper counts"
+"""The start of the first line of examples/data/memorise.jsonl, which the demo job learns by heart."""
 BAR_WIDTH = 30
 
 
@@ -75,10 +76,12 @@ def run(args: argparse.Namespace) -> int:
         stack.kubectl("apply", "-f", "-", stdin=json.dumps(body))
         name = body["metadata"]["name"]
         final: dict[str, Any] = {}
+        shown = ""
         for status in stack.watch_progress(name, timeout=args.timeout):
             final = status
-            end = "\n" if not sys.stdout.isatty() else "\r"
-            print(bar(status), end=end, flush=True)
+            if bar(status) != shown:
+                shown = bar(status)
+                print(shown, end="\r" if sys.stdout.isatty() else "\n", flush=True)
         print()
         say(stack.kubectl("get", "ftj", "-n", namespace, "-o", "wide").stdout)
         if final.get("phase") != "Succeeded":

@@ -1,0 +1,194 @@
+"""Data-parallel process layout: N processes per pod, M pods, one process group.
+
+The pod's main process decides the layout from the environment the operator sets
+(NPROC_PER_NODE, NNODES, WORLD_SIZE = all processes, NODE_RANK or JOB_COMPLETION_INDEX,
+MASTER_ADDR, MASTER_PORT). With more than one process in total it starts the workers through torch's elastic
+launcher (what torchrun uses, static rendezvous: pod k is node rank k) and waits; otherwise the
+recipe runs in the main process. Workers join a gloo (CPU) or nccl (GPU) process group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kubetune_trainer.config import RuntimeConfig
+from kubetune_trainer.exitcodes import ExitCode
+
+DEFAULT_MASTER_PORT = 29500
+CONTROL_TIMEOUT = timedelta(hours=2)
+WORKER_ENV = "LOCAL_RANK"
+"""Set by the launcher in every worker: its presence means "already launched"."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The process layout of the whole run as seen by one pod."""
+
+    nnodes: int
+    node_rank: int
+    nproc_per_node: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+
+def topology(runtime: RuntimeConfig, env: Mapping[str, str] | None = None) -> Topology:
+    """Layout from the pod environment, falling back to the runtime config (local runs)."""
+    env = os.environ if env is None else env
+    nproc = int(env.get("NPROC_PER_NODE") or max(1, runtime.gpus_per_node))
+    # WORLD_SIZE counts processes (torchrun's meaning), so without NNODES it gives nodes * nproc.
+    world = int(env.get("WORLD_SIZE") or 0)
+    nnodes = int(env.get("NNODES") or (world // nproc if world >= nproc else 0) or runtime.nodes)
+    node_rank = int(env.get("NODE_RANK") or env.get("JOB_COMPLETION_INDEX") or 0)
+    if not 0 <= node_rank < nnodes:
+        raise ValueError(f"node rank {node_rank} is outside {nnodes} nodes")
+    return Topology(
+        nnodes=nnodes,
+        node_rank=node_rank,
+        nproc_per_node=nproc,
+        master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
+        master_port=int(env.get("MASTER_PORT") or DEFAULT_MASTER_PORT),
+    )
+
+
+def is_worker(env: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    return WORKER_ENV in env
+
+
+def launch(topo: Topology, entrypoint: Callable[..., Any], *args: Any) -> int:
+    """Run ``entrypoint(*args)`` in every local worker; the exit code of the first failure, or 0."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=topo.nnodes,
+        max_nodes=topo.nnodes,
+        nproc_per_node=topo.nproc_per_node,
+        run_id="kubetune",
+        rdzv_backend="static",
+        rdzv_endpoint=f"{topo.master_addr}:{topo.master_port}",
+        rdzv_configs={"rank": topo.node_rank, "timeout": 900},
+        # Restarts are the Job controller's business: a restarted pod resumes from S3.
+        max_restarts=0,
+        monitor_interval=0.5,
+        start_method="spawn",
+        # Workers get SIGTERM from the launcher and need the grace period to upload a checkpoint;
+        # the kubelet's SIGKILL at the end of terminationGracePeriodSeconds is the real bound.
+        shutdown_timeout=3600,
+    )
+    try:
+        elastic_launch(config, entrypoint)(*args)
+    except ChildFailedError as error:
+        _, first = error.get_first_failure()
+        code = first.exitcode
+        # A worker killed by a signal reports -signum; that is a runtime fault, retried.
+        return code if code > 0 else int(ExitCode.RUNTIME_ERROR)
+    except SignalException as error:
+        return int(ExitCode.INTERRUPTED) if error.sigval == signal.SIGTERM else int(ExitCode.RUNTIME_ERROR)
+    return 0
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process's place in the run."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    device: torch.device
+    control_group: Any = None
+    """A gloo group for small host-side decisions (stop flags), so they never wait on the GPU stream."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init(use_cuda: bool, env: Mapping[str, str] | None = None) -> Context:
+    """Join the process group (when launched) and pick this process's device."""
+    env = os.environ if env is None else env
+    rank = int(env.get("RANK", 0))
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    world_size = int(env.get("WORLD_SIZE", 1)) if is_worker(env) else 1
+    local_world_size = int(env.get("LOCAL_WORLD_SIZE", 1))
+    node_rank = int(env.get("GROUP_RANK", 0)) if is_worker(env) else int(env.get("NODE_RANK") or env.get("JOB_COMPLETION_INDEX") or 0)
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    control_group = None
+    if world_size > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        # Long timeout: other ranks wait here while rank 0 uploads a (possibly merged, full-size) model.
+        control_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    return Context(rank, local_rank, world_size, local_world_size, node_rank, device, control_group)
+
+
+def all_reduce_sum(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
+    if ctx.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_true(flag: bool, ctx: Context) -> bool:
+    """True on every rank when ``flag`` is true on at least one."""
+    if not ctx.distributed:
+        return flag
+    # A CPU tensor on the gloo control group: checked every step without syncing the GPU.
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=ctx.control_group)
+    return bool(value.item() > 0)
+
+
+def gather_objects(obj: Any, ctx: Context) -> list[Any]:
+    """``obj`` from every rank, in rank order (on every rank)."""
+    if not ctx.distributed:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, ctx: Context) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(ctx: Context) -> None:
+    """Wait for every rank, on the host-side control group."""
+    if ctx.distributed:
+        dist.barrier(group=ctx.control_group)
+
+
+def shutdown(ctx: Context) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()

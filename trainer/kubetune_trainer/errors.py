@@ -1,0 +1,94 @@
+"""Failures the trainer reports: each maps to an exit code, a CamelCase reason and advice.
+
+The operator's podFailurePolicy reads the exit code (``NON_RETRIABLE`` fails the job at once)
+and the termination message carries ``reason`` and ``message``. Messages are meant for the
+person who wrote the FinetuneJob, so they say what to change. ``redact`` strips credential
+values from any text before it leaves the process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from kubetune_trainer.exitcodes import REASONS, ExitCode
+
+SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+OOM_ADVICE = (
+    "Lower spec.training.perDeviceBatchSize (raise gradientAccumulationSteps to keep the effective batch), "
+    "use method: qlora, enable spec.training.gradientCheckpointing, shorten spec.dataset.maxSeqLength, "
+    "or request more GPUs."
+)
+
+
+class TrainerError(Exception):
+    """A failure with a known cause; ends the process with ``exit_code``."""
+
+    exit_code: ExitCode = ExitCode.RUNTIME_ERROR
+
+    def __init__(self, message: str, exit_code: ExitCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    @property
+    def reason(self) -> str:
+        return REASONS[self.exit_code]
+
+
+class ConfigError(TrainerError):
+    exit_code = ExitCode.CONFIG_ERROR
+
+
+class ModelError(TrainerError):
+    exit_code = ExitCode.MODEL_ERROR
+
+
+class NumericError(TrainerError):
+    exit_code = ExitCode.NUMERIC_ERROR
+
+
+class OutOfMemoryError(TrainerError):
+    exit_code = ExitCode.OUT_OF_MEMORY
+
+
+class Interrupted(TrainerError):
+    """SIGTERM arrived; the newest checkpoint has been uploaded."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
+def classify(error: BaseException) -> TrainerError:
+    """The TrainerError that describes ``error``, including ones raised by the data, storage and torch layers."""
+    if isinstance(error, TrainerError):
+        return error
+    code = getattr(error, "exit_code", None)
+    if isinstance(code, ExitCode):
+        return TrainerError(str(getattr(error, "message", error)), code)
+    if _is_out_of_memory(error):
+        return OutOfMemoryError(f"The GPU ran out of memory ({_first_line(error)}). {OOM_ADVICE}")
+    return TrainerError(f"Unexpected {type(error).__name__}: {_first_line(error)}. The job is retried from its newest checkpoint.")
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    if type(error).__name__ == "OutOfMemoryError":
+        return True
+    # Some kernels surface CUDA OOM as a plain RuntimeError.
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def redact(text: str, env: Mapping[str, str] | None = None) -> str:
+    """``text`` with the value of every credential environment variable replaced by ***."""
+    env = os.environ if env is None else env
+    for name in SECRET_ENV_VARS:
+        value = env.get(name)
+        # Very short values would blank out ordinary words; real credentials are long.
+        if value and len(value) >= 6:
+            text = text.replace(value, "***")
+    return text

@@ -1,0 +1,251 @@
+"""The base model and its adapters: small pure translators from the spec, then loading.
+
+Translators (``quantization_config``, ``lora_config``, ``resolve_precision``,
+``resolve_target_modules``, ``model_location``) take spec objects and return library objects or
+plain values. Loading resolves where the model lives (local path, ``s3://`` prefix downloaded
+through the storage module, or a Hugging Face id + revision with HF_TOKEN) and applies them.
+torch, transformers and peft are imported inside functions so this module imports cheaply.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from kubetune_trainer.config import ALL_LINEAR, LoraSpec, ModelSpec, OutputSpec, Precision, QuantizationSpec
+from kubetune_trainer.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+    from kubetune_trainer.storage import S3Store
+
+OUTPUT_HEADS = frozenset({"lm_head", "embed_out", "output"})
+"""Output projections that never get adapters (peft's all-linear rule excludes them too)."""
+
+
+# ---- pure translators -----------------------------------------------------------------------
+
+
+def quantization_config(spec: QuantizationSpec | None) -> Any:
+    """BitsAndBytesConfig for QLoRA, or None for plain LoRA."""
+    if spec is None:
+        return None
+    from transformers import BitsAndBytesConfig as _BitsAndBytesConfig
+
+    BitsAndBytesConfig: Any = _BitsAndBytesConfig
+
+    if spec.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=spec.type.value,
+        bnb_4bit_use_double_quant=spec.double_quant,
+        bnb_4bit_compute_dtype=dtype_from_name(spec.compute_dtype.value),
+        # Keeps norms and the head in the compute dtype instead of upcasting them (saves memory).
+        bnb_4bit_quant_storage=dtype_from_name("uint8"),
+    )
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown torch dtype {name!r}")
+    return dtype
+
+
+def resolve_precision(precision: Precision, *, cuda: bool, bf16_supported: bool) -> Precision:
+    """The concrete precision: ``auto`` is bf16 on capable GPUs, fp16 on older ones, fp32 on CPU."""
+    if not cuda:
+        # Half precision matmuls on CPU are slow and fp16 needs loss scaling: CPU runs are fp32.
+        return Precision.FP32
+    if precision is Precision.AUTO:
+        return Precision.BF16 if bf16_supported else Precision.FP16
+    return precision
+
+
+def precision_dtype_name(precision: Precision) -> str:
+    """torch dtype name of a concrete precision."""
+    return {Precision.BF16: "bfloat16", Precision.FP16: "float16", Precision.FP32: "float32"}[precision]
+
+
+def resolve_target_modules(requested: list[str], linear_names: list[str]) -> list[str]:
+    """Module name suffixes that get adapters; unknown names fail with the model's linear layers."""
+    available = sorted(set(linear_names))
+    if ALL_LINEAR in requested:
+        if len(requested) > 1:
+            raise ModelError(
+                f"spec.lora.targetModules: '{ALL_LINEAR}' cannot be combined with other names; use it alone or list names from: {', '.join(available)}"
+            )
+        if not available:
+            raise ModelError("spec.lora.targetModules: the model has no linear layers besides the output head, so LoRA has nothing to adapt.")
+        return available
+    unknown = [name for name in requested if name not in available]
+    if unknown:
+        raise ModelError(
+            f"spec.lora.targetModules: {', '.join(repr(n) for n in unknown)} not found in the model. "
+            f"Its linear layers are: {', '.join(available)} (or use '{ALL_LINEAR}')."
+        )
+    return list(dict.fromkeys(requested))
+
+
+def lora_config(spec: LoraSpec, target_modules: list[str]) -> Any:
+    """peft LoraConfig for a causal language model."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=target_modules,
+        bias=spec.bias.value,
+        use_rslora=spec.use_rslora,
+    )
+
+
+Location = Literal["local", "s3", "hub"]
+
+
+def model_location(source: str) -> Location:
+    """Where a model source points: an absolute local path, an s3:// prefix, or a Hugging Face id."""
+    if source.startswith("s3://"):
+        return "s3"
+    if source.startswith("/") or source.startswith("./") or source.startswith("file://"):
+        return "local"
+    return "hub"
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+
+StoreFactory = Callable[[OutputSpec], "S3Store"]
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where from_pretrained reads the model and what to pass along with it."""
+
+    path: str
+    revision: str | None
+    token: str | None
+    cache_dir: str | None = None
+    """Download cache of hub models; None uses HF_HUB_CACHE / HF_HOME, which the operator sets."""
+
+
+def fetch_model(spec: ModelSpec, output: OutputSpec, work_dir: Path, store_factory: StoreFactory, env: Mapping[str, str] | None = None) -> ModelFiles:
+    """Make the model readable by from_pretrained: check a local path, download an s3:// prefix."""
+    env = os.environ if env is None else env
+    kind = model_location(spec.source)
+    if kind == "local":
+        path = Path(spec.source.removeprefix("file://"))
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"spec.model.source: no model at {path} (config.json missing). Point it at a folder saved with "
+                "save_pretrained, check the volume mount (cacheVolumeClaim), or use a Hugging Face id or s3:// prefix."
+            )
+        return ModelFiles(str(path), None, None)
+    if kind == "s3":
+        from kubetune_trainer.storage import parse_s3_uri
+
+        bucket, prefix = parse_s3_uri(spec.source)
+        store = store_factory(output.model_copy(update={"bucket": bucket}))
+        target = work_dir / "models" / bucket / prefix.strip("/")
+        store.download_prefix(prefix.rstrip("/"), target)
+        if not (target / "config.json").is_file():
+            raise ModelError(f"spec.model.source: {spec.source} holds no config.json. Upload a folder saved with save_pretrained to that prefix.")
+        return ModelFiles(str(target), None, None)
+    # Downloads land in HF_HUB_CACHE / HF_HOME, which the operator points at the cache volume or scratch.
+    return ModelFiles(spec.source, spec.revision, env.get("HF_TOKEN") or None)
+
+
+def load_tokenizer(files: ModelFiles, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            files.path, revision=files.revision, token=files.token, cache_dir=files.cache_dir, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        raise ModelError(f"spec.model.source: cannot load the tokenizer of {files.path!r} ({_short(error)}). {_hint(files)}") from error
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of the loss, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(files: ModelFiles, *, dtype_name: str, quantization: QuantizationSpec | None, device: str, trust_remote_code: bool) -> Any:
+    """The frozen base model on ``device``, quantized for QLoRA."""
+    from transformers import AutoModelForCausalLM as _Auto
+
+    auto: Any = _Auto
+    kwargs: dict[str, Any] = {
+        "revision": files.revision,
+        "token": files.token,
+        "cache_dir": files.cache_dir,
+        "trust_remote_code": trust_remote_code,
+        "dtype": dtype_from_name(dtype_name),
+    }
+    quant = quantization_config(quantization)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device}
+    try:
+        model = auto.from_pretrained(files.path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"spec.model.source: cannot load {files.path!r} ({_short(error)}). {_hint(files)}") from error
+    if quant is None:
+        model.to(device)
+    # The KV cache is useless in training and conflicts with gradient checkpointing.
+    model.config.use_cache = False
+    return model
+
+
+def linear_layer_names(model: Any) -> list[str]:
+    """Distinct leaf names of the linear layers (plain or bitsandbytes-quantized), output head excluded."""
+    import torch
+
+    names: set[str] = set()
+    for full_name, module in model.named_modules():
+        leaf = full_name.rsplit(".", 1)[-1]
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in {"Linear4bit", "Linear8bitLt"}
+        if is_linear and leaf not in OUTPUT_HEADS:
+            names.add(leaf)
+    return sorted(names)
+
+
+def apply_lora(model: Any, spec: LoraSpec, *, quantized: bool, gradient_checkpointing: bool) -> Any:
+    """Wrap ``model`` with trainable LoRA adapters (peft), preparing a quantized base for k-bit training."""
+    from peft import get_peft_model
+    from peft import prepare_model_for_kbit_training as _prepare
+
+    prepare_model_for_kbit_training: Any = _prepare
+
+    targets = resolve_target_modules(list(spec.target_modules), linear_layer_names(model))
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Frozen embeddings give inputs without grad; checkpointed blocks need one to backpropagate.
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(spec, targets))
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__
+
+
+def _hint(files: ModelFiles) -> str:
+    if model_location(files.path) == "hub":
+        return "Check the model id and spec.model.revision; gated or private models need spec.model.tokenSecretRef."
+    return "The folder must hold a model saved with save_pretrained (config.json, weights, tokenizer files)."
