@@ -1,7 +1,7 @@
 """GPU figures only a real accelerator can give: throughput, MFU and peak VRAM on an 8B-shaped model.
 
 Builds a random-initialised Llama-3-8B-shaped model (no download), saves it, then loads it through
-the trainer's own code (``load_base_model``, ``apply_lora``, ``build_optimizer``, ``train``) for
+the trainer's own code (``load_base_model``, ``apply_lora``, ``LossModel``, ``build_optimizer``, ``train``) for
 
 - bf16 LoRA (r=16, all linear layers, seq 2048), and
 - QLoRA (4-bit nf4, double quantization, bf16 compute, r=16, all linear, seq 2048, micro-batch 2,
@@ -29,6 +29,7 @@ import torch
 from kubetune_trainer.checkpoints import TrainingState
 from kubetune_trainer.config import ComputeDtype, LoraSpec, Optimizer, Precision, QuantizationSpec, QuantType, TrainingSpec
 from kubetune_trainer.distributed import Context
+from kubetune_trainer.loss import LossModel
 from kubetune_trainer.metrics import TrainerMetrics
 from kubetune_trainer.model import ModelFiles, apply_lora, load_base_model
 from kubetune_trainer.training import Hooks, Progress, build_optimizer, build_scheduler, train
@@ -104,7 +105,7 @@ def run_case(
     started = time.monotonic()
     files = ModelFiles(path=str(path), revision=None, token=None, cache_dir=None)
     model = load_base_model(files, dtype_name="bfloat16", quantization=quant, device=device, trust_remote_code=False)
-    model = apply_lora(model, LoraSpec(r=16, alpha=32, dropout=0.0), quantized=quant is not None, gradient_checkpointing=gc)
+    model = apply_lora(model, LoraSpec(r=16, alpha=32, dropout=0.0), gradient_checkpointing=gc)
     load_seconds = time.monotonic() - started
     spec = TrainingSpec(max_steps=steps, log_every=2, checkpoint_every=10**6, optimizer=optimizer, gradient_checkpointing=gc, precision=Precision.BF16)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -116,7 +117,7 @@ def run_case(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     train(
-        model,
+        LossModel(model),
         opt,
         sched,
         SyntheticStream(batch, seq, model.config.vocab_size),

@@ -30,7 +30,7 @@ def _train(config: TrainerConfig, steps_seen: list[tuple[int, float]]) -> tuple[
     tokenizer = model.load_tokenizer(files, False)
     quant = config.effective_quantization()
     base = model.load_base_model(files, dtype_name="float32", quantization=quant, device="cpu", trust_remote_code=False)
-    peft_model = model.apply_lora(base, config.lora, quantized=quant is not None, gradient_checkpointing=config.training.gradient_checkpointing)
+    peft_model = model.apply_lora(base, config.lora, gradient_checkpointing=config.training.gradient_checkpointing)
     data = prepare_data(config, tokenizer)
     stream = data.train_batches(config.training.per_device_batch_size)
     optimizer = training.build_optimizer(config.training, [p for p in peft_model.parameters() if p.requires_grad], cuda=False)

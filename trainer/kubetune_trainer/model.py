@@ -219,21 +219,20 @@ def linear_layer_names(model: Any) -> list[str]:
     return sorted(names)
 
 
-def apply_lora(model: Any, spec: LoraSpec, *, quantized: bool, gradient_checkpointing: bool) -> Any:
-    """Wrap ``model`` with trainable LoRA adapters (peft), preparing a quantized base for k-bit training."""
-    from peft import get_peft_model
-    from peft import prepare_model_for_kbit_training as _prepare
+def apply_lora(model: Any, spec: LoraSpec, *, gradient_checkpointing: bool) -> Any:
+    """Wrap ``model`` with trainable LoRA adapters (peft); a bitsandbytes-quantized base is handled the same way.
 
-    prepare_model_for_kbit_training: Any = _prepare
+    peft's ``prepare_model_for_kbit_training`` would also cast every non-quantized weight (embeddings,
+    output head, norms) to fp32: 2 GiB more for an 8B model with a 128k vocabulary, and fp32 activations
+    behind the norms. The base stays in its load dtype instead (bitsandbytes computes in compute_dtype);
+    only the adapters train.
+    """
+    from peft import get_peft_model
 
     targets = resolve_target_modules(list(spec.target_modules), linear_layer_names(model))
-    if quantized:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif gradient_checkpointing:
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Frozen embeddings give inputs without grad; checkpointed blocks need one to backpropagate.
         model.enable_input_require_grads()

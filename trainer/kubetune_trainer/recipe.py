@@ -133,7 +133,7 @@ def _run(run_state: Run, stop: StopFlag, started: float) -> ExitCode:
         device=str(ctx.device),
         trust_remote_code=config.model.trust_remote_code,
     )
-    peft_model = model.apply_lora(base, config.lora, quantized=quant is not None, gradient_checkpointing=config.training.gradient_checkpointing)
+    peft_model = model.apply_lora(base, config.lora, gradient_checkpointing=config.training.gradient_checkpointing)
     data = _prepare_data(config, tokenizer, ctx, store_factory)
     # The chunked loss never holds full-vocabulary fp32 logits: the largest item of QLoRA's peak memory.
     train_model: Any = LossModel(peft_model)
