@@ -10,7 +10,7 @@ SETUP_KEY := $(shell cat pyproject.toml hack/setup-system.sh 2>/dev/null | sha25
 SETUP_STAMP := $(VENV)/.setup-$(SETUP_KEY)
 PYTEST := $(BIN)/pytest
 
-.PHONY: help setup system-deps tools lint test test-unit test-trainer test-e2e crds demo bench cluster-up cluster-down images kind-e2e clean
+.PHONY: help setup system-deps tools lint test test-unit test-trainer test-e2e crds demo bench cluster-up cluster-down images clean
 
 help: ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -64,9 +64,6 @@ bench: setup ## Benchmarks: trainer throughput against peers, operator latency a
 images: ## Build the operator and trainer images (needs Docker).
 	docker build -f operator/Dockerfile -t kubetune/operator:dev .
 	docker build -f trainer/Dockerfile -t kubetune/trainer:dev .
-
-kind-e2e: ## The e2e suite on a kind cluster with real images (needs Docker and kind).
-	bash hack/kind-e2e.sh
 
 clean: ## Remove the virtualenv and local caches (not the Go tool cache).
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache
