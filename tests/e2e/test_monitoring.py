@@ -15,7 +15,8 @@ BROKEN = "monitored-broken"
 
 @pytest.fixture(scope="module")
 def finished_job(stack: KubetuneStack) -> str:
-    body = stack.example("tiny-cpu-lora.yaml", training={"maxSteps": 120, "logEvery": 2, "checkpointEvery": 40})
+    training = {"maxSteps": 120, "logEvery": 2, "checkpointEvery": 40, "evalEvery": 40}
+    body = stack.example("tiny-cpu-lora.yaml", training=training, dataset={"eval": {"ratio": 0.25}})
     body["metadata"]["name"] = JOB
     stack.apply(body)
     # A job whose dataset lacks its text field fails at once (no retries): the failure panels get data too.

@@ -104,20 +104,21 @@ class TrainerMetrics:
         names = list(self.labels)
         r = self.registry
 
-        def gauge(name: str, doc: str) -> Gauge:
+        def gauge(name: str, doc: str, *, initial: bool = True) -> Gauge:
             created = Gauge(f"{PREFIX}_{name}", doc, names, registry=r)
-            # Materialise the series so a scrape before the first step already shows it.
-            created.labels(**self.labels)
+            if initial:
+                # Materialise the series so a scrape before the first step already shows it.
+                created.labels(**self.labels)
             return created
 
         self.step = gauge("step", "Optimizer steps done.")
         self.total_steps = gauge("total_steps", "Optimizer steps the run will take.")
         self.epoch = gauge("epoch", "Passes over the training data done (fractional).")
         self.progress = gauge("progress_ratio", "Share of the run done (0..1).")
-        self.loss = gauge("loss", "Mean training loss over the latest log interval.")
-        self.eval_loss = gauge("eval_loss", "Loss on the evaluation set at the latest evaluation.")
-        self.learning_rate = gauge("learning_rate", "Current learning rate.")
-        self.tokens_per_second = gauge("tokens_per_second", "Trained (non-padding) tokens per second in this pod over the latest log interval.")
+        self.loss = gauge("loss", "Mean training loss over the latest log interval.", initial=False)
+        self.eval_loss = gauge("eval_loss", "Loss on the evaluation set at the latest evaluation.", initial=False)
+        self.learning_rate = gauge("learning_rate", "Current learning rate.", initial=False)
+        self.tokens_per_second = gauge("tokens_per_second", "Trained (non-padding) tokens per second in this pod over the latest log interval.", initial=False)
         self.eta = gauge("eta_seconds", "Estimated seconds until training ends.")
         self.last_checkpoint_step = gauge("last_checkpoint_step", "Step of the newest uploaded checkpoint.")
         self.tokens = Counter(f"{PREFIX}_tokens", "Trained (non-padding) tokens in this pod.", names, registry=r)
