@@ -71,7 +71,7 @@ def wait_for_checkpoint(stack: KubetuneStack, name: str, timeout: float = 300) -
         status = stack.finetunejob(name).get("status", {})
         if status.get("phase") in ("Succeeded", "Failed"):
             raise AssertionError(f"{name} finished before a checkpoint could be observed: {status}")
-        step = (status.get("lastCheckpoint") or {}).get("step", 0)
+        step = int((status.get("lastCheckpoint") or {}).get("step", 0))
         return step > 0
 
     stack.wait_for(has_checkpoint, timeout, f"a checkpoint of {name}")

@@ -38,7 +38,7 @@ def rejection(body: dict[str, Any]) -> str | None:
         path = [str(p) for p in error.absolute_path]
         if error.validator == "required":  # name the missing property, as the apiserver does
             path.append(str(error.message).split("'")[1])
-        return ".".join(path) + ": " + error.message
+        return ".".join(path) + ": " + str(error.message)
     try:
         FinetuneJob.model_validate(body)
     except pydantic.ValidationError as exc:
