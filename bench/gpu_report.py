@@ -78,7 +78,8 @@ def build_random_llama(out: Path, shape: str, device: str) -> int:
     """Save a random Llama-3-shaped model to ``out``; returns its parameter count."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    rope = {"rope_type": "default", "rope_theta": 500000.0}
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_parameters=rope, rms_norm_eps=1e-5, tie_word_embeddings=False)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
