@@ -29,11 +29,10 @@ import yaml
 
 from localcluster.cluster import LocalCluster
 from localcluster.prometheus import Prometheus
+from localcluster.s3 import DUMMY_ACCESS_KEY_ID, DUMMY_SECRET_ACCESS_KEY, MotoS3Server
 from localcluster.tools import locate_bin_dir
 
 REPO = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(REPO)) if str(REPO) not in sys.path else None
-from tests.support.s3 import DUMMY_ACCESS_KEY_ID, DUMMY_SECRET_ACCESS_KEY, MotoS3Server  # noqa: E402
 
 CHART = REPO / "charts" / "kubetune"
 DEMO_BUCKET = "kubetune-demo"
