@@ -32,7 +32,7 @@ def test_chunked_loss_and_gradients_match_the_model() -> None:
     reference.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    wrapped = LossModel(model, chunk_tokens=7)
+    wrapped = LossModel(model, chunk_tokens=7, chunk_above_bytes=0)
     assert wrapped.chunked
     loss = wrapped(**batch())
     loss.backward()
@@ -47,6 +47,13 @@ def test_no_targets_gives_zero_loss_with_a_graph() -> None:
     loss = chunked_cross_entropy(head, hidden, torch.full((1, 4), -100))
     torch.autograd.backward(loss)
     assert loss.item() == 0.0
+
+
+def test_small_logits_use_the_model_loss() -> None:
+    model = small_llama()
+    wrapped = LossModel(model)
+    assert wrapped.chunked and wrapped.vocab_size == 512
+    torch.testing.assert_close(wrapped(**batch()), model(**batch()).loss)
 
 
 def test_soft_capped_models_keep_their_own_loss() -> None:

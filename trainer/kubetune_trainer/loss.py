@@ -3,8 +3,9 @@
 A model's own ``forward(labels=...)`` builds logits for every position over the whole vocabulary
 and upcasts them to fp32: for a 128k vocabulary, micro-batch 2 and 2,048 tokens that is 2 GiB, plus
 as much again for its gradient, the largest single item of QLoRA's peak memory. ``LossModel``
-runs the decoder, keeps only the positions that have a target, and computes the cross entropy in
-chunks whose logits are recomputed in the backward pass instead of stored. It is an ``nn.Module``
+runs the decoder and computes the cross entropy in
+chunks whose logits are recomputed in the backward pass instead of stored, when the logits would be large
+(small vocabularies and micro-batches keep the model's own, faster loss). It is an ``nn.Module``
 so DistributedDataParallel can wrap it like the model itself.
 """
 
@@ -18,6 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 1024
+CHUNK_ABOVE_BYTES = 256 * 1024**2
+"""Chunk only when a micro-batch's fp32 logits would exceed this; below it the model's own loss is faster."""
 # Configurations whose forward transforms the logits (soft-capping, scaling): their own loss is used.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
@@ -39,20 +42,19 @@ def _base_model(model: Any) -> Any:
 
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def chunked_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
-    """Mean next-token cross entropy of ``head(hidden)`` against ``labels`` (shifted by one, -100 ignored)."""
+    """Mean next-token cross entropy of ``head(hidden)`` against ``labels`` (shifted by one, -100 ignored).
+
+    Shapes stay static and the target count stays on the device, so the host never waits for the GPU here.
+    """
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].reshape(-1)
-    keep = targets != IGNORE_INDEX
-    states, targets = states[keep], targets[keep]
-    count = targets.numel()
-    if count == 0:
-        return hidden.sum() * 0.0
+    count = (targets != IGNORE_INDEX).sum().clamp(min=1)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, count, chunk_tokens):
+    for start in range(0, targets.numel(), chunk_tokens):
         part = slice(start, start + chunk_tokens)
         total = total + checkpoint(_chunk_loss, head, states[part], targets[part], use_reentrant=False)
     return total / count
@@ -61,14 +63,16 @@ def chunked_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, labels: t
 class LossModel(torch.nn.Module):
     """Wraps a causal LM (optionally peft-wrapped); ``forward(**batch)`` returns the mean loss."""
 
-    def __init__(self, model: Any, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
+    def __init__(self, model: Any, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, chunk_above_bytes: int = CHUNK_ABOVE_BYTES) -> None:
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.chunk_above_bytes = chunk_above_bytes
         self.chunked = supports_chunked_loss(model)
+        self.vocab_size = int(getattr(_base_model(model).config, "vocab_size", 0) or 0)
 
     def forward(self, labels: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
-        if not self.chunked:
+        if not self.chunked or labels.numel() * self.vocab_size * 4 <= self.chunk_above_bytes:
             loss: torch.Tensor = self.model(**inputs, labels=labels, use_cache=False).loss
             return loss
         base = _base_model(self.model)
