@@ -70,6 +70,16 @@ class LaunchSpec:
     termination_path: str
 
 
+def image_paths() -> list[str]:
+    """Host paths that stand in for the image's files: the interpreter, its environment and the checkout.
+
+    A volume mounted over one of their parents (an emptyDir on /tmp when the checkout lives under /tmp)
+    must not hide them, just as a volume never hides what a real image has outside its mountPath.
+    """
+    checkout = Path(__file__).resolve().parents[3]
+    return sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, str(checkout))})
+
+
 def is_under(path: str, ancestor: str) -> bool:
     return path == ancestor or path.startswith(ancestor.rstrip("/") + "/")
 
@@ -106,6 +116,11 @@ def launch_script(spec: LaunchSpec, start_error_file: Path) -> str:
         staged = quote(f"{stage}/{index}")
         create = f"mkdir {staged}" if mount.source.is_dir() else f": > {staged}"
         lines.append(f"{create} && mount --bind {quote(str(mount.source))} {staged} || fail {quote(f'cannot stage {mount.source}')}")
+    targets = [os.path.realpath(m.target) for m in spec.mounts]
+    shadowed = [p for p in image_paths() if any(is_under(p, t) and p != t for t in targets)]
+    for index, path in enumerate(shadowed):
+        staged = quote(f"{stage}/image-{index}")
+        lines.append(f"mkdir {staged} && mount --bind {quote(path)} {staged} || fail {quote(f'cannot stage {path}')}")
     for index, mount in sorted(enumerate(spec.mounts), key=lambda pair: len(Path(pair[1].target).parts)):
         staged, target = quote(f"{stage}/{index}"), quote(mount.target)
         # Missing mount points are created where they are missing: inside an earlier
@@ -117,6 +132,9 @@ def launch_script(spec: LaunchSpec, start_error_file: Path) -> str:
         lines.append(f"mount --bind {staged} {target} || fail {quote(f'cannot mount {mount.source} at {mount.target}')}")
         if mount.read_only:
             lines.append(f"mount -o remount,bind,ro {target} || fail {quote(f'cannot make {mount.target} read-only')}")
+    # The image's own files come back on top of any volume that covered their parent directory.
+    for index, path in enumerate(shadowed):
+        lines.append(f"mkdir -p {quote(path)} && mount --bind {quote(f'{stage}/image-{index}')} {quote(path)} || fail {quote(f'cannot keep {path}')}")
     workdir = quote(spec.working_dir)
     lines += [
         f"umount -l {stage}",
