@@ -64,6 +64,9 @@ def local_chart_values(settings: StackSettings) -> dict[str, Any]:
         "operator": {
             "image": {"repository": "kubetune/operator", "tag": "local", "pullPolicy": "Never"},
             "progressIntervalSeconds": 1,
+            # Every pod of the local node shares the host's network stack: binding the pod's own address
+            # lets several local clusters (the e2e stack and the demo) run an operator each on one port.
+            "extraEnv": [{"name": "KUBETUNE_OPERATOR_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
         },
         "trainer": {"image": {"repository": "kubetune/trainer", "tag": "local", "pullPolicy": "Never"}},
     }
