@@ -6,6 +6,7 @@ import ipaddress
 import os
 import threading
 import urllib.parse
+import zlib
 from collections.abc import Sequence
 
 from localcluster import agent_process
@@ -17,19 +18,28 @@ POD_NETWORK = ipaddress.ip_network("127.0.0.0/16")
 
 
 class PodAddresses:
-    """Hands out 127.0.1.1, 127.0.1.2, ... (127.0.0.x stays the host's)."""
+    """Hands out 127.0.K.1, 127.0.K.2, ... (127.0.0.x stays the host's).
 
-    def __init__(self) -> None:
+    K comes from ``salt`` (the agent's workdir), so agents of different local clusters on one host
+    start in different /24s and their pods do not share an address.
+    """
+
+    def __init__(self, salt: str = "") -> None:
         self._used: set[str] = set()
         self._lock = threading.Lock()
+        self._first_subnet = 1 + zlib.crc32(salt.encode()) % 254 if salt else 1
+
+    def _candidates(self) -> list[str]:
+        hosts = [str(h) for h in POD_NETWORK.hosts()]
+        start = self._first_subnet * 256
+        return hosts[start:] + hosts[:start]
 
     def claim(self, wanted: str | None = None) -> str:
         with self._lock:
             if wanted and wanted not in self._used and self._valid(wanted):
                 self._used.add(wanted)
                 return wanted
-            for host in POD_NETWORK.hosts():
-                address = str(host)
+            for address in self._candidates():
                 if self._valid(address) and address not in self._used:
                     self._used.add(address)
                     return address

@@ -113,7 +113,7 @@ class NodeAgent:
             max_restart_backoff_s=max_restart_backoff_s,
             stop_grace_s=stop_grace_s,
         )
-        self.addresses = PodAddresses()
+        self.addresses = PodAddresses(salt=str(self.workdir))
         self._workers: dict[str, PodWorker] = {}
         self._abandoned: set[str] = set()
         self._lock = threading.Lock()
