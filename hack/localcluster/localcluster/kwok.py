@@ -30,7 +30,7 @@ from .config import (
     FakeGpuNode,
 )
 
-_NODE_READY_STATUS = """\
+_NODE_HEARTBEAT_STATUS = """\
 {{ $now := Now }}
 conditions:
 {{ range NodeConditions }}
@@ -41,6 +41,12 @@ conditions:
   status: {{ .status | Quote }}
   type: {{ .type | Quote }}
 {{ end }}
+"""
+
+# A node becomes Ready with the heartbeat conditions plus its addresses, resources and identity.
+_NODE_READY_STATUS = (
+    _NODE_HEARTBEAT_STATUS
+    + """\
 addresses:
 - address: {{ NodeIP | Quote }}
   type: InternalIP
@@ -63,19 +69,7 @@ nodeInfo:
   systemUUID: ""
 phase: Running
 """
-
-_NODE_HEARTBEAT_STATUS = """\
-{{ $now := Now }}
-conditions:
-{{ range NodeConditions }}
-- lastHeartbeatTime: {{ $now | Quote }}
-  lastTransitionTime: {{ $now | Quote }}
-  message: {{ .message | Quote }}
-  reason: {{ .reason | Quote }}
-  status: {{ .status | Quote }}
-  type: {{ .type | Quote }}
-{{ end }}
-"""
+)
 
 _POD_RUNNING_STATUS = """\
 {{ $now := Now }}
