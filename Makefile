@@ -10,7 +10,7 @@ SETUP_KEY := $(shell cat pyproject.toml hack/setup-system.sh 2>/dev/null | sha25
 SETUP_STAMP := $(VENV)/.setup-$(SETUP_KEY)
 PYTEST := $(BIN)/pytest
 
-.PHONY: help setup system-deps tools lint test test-unit test-trainer test-e2e crds demo bench cluster-up cluster-down images clean
+.PHONY: help setup system-deps tools lint test test-unit test-trainer test-e2e crds demo bench cluster-up cluster-down kind-e2e images clean
 
 help: ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -28,8 +28,9 @@ $(SETUP_STAMP): pyproject.toml hack/setup-system.sh
 tools: ## Build (or reuse) the local cluster's binaries from Go modules.
 	bash hack/build-tools.sh
 
-lint: setup ## ruff, mypy strict and the CRD drift check.
+lint: setup ## ruff, mypy strict, shellcheck and the CRD drift check.
 	$(BIN)/ruff check .
+	$(BIN)/shellcheck hack/*.sh hack/kind/*.sh .ci/run
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy operator trainer hack/localcluster tests bench
 	$(BIN)/python -m kubetune_operator.crdgen --check
@@ -42,6 +43,9 @@ test-trainer: setup ## Trains the tiny model on CPU: LoRA, QLoRA, resume, S3 pub
 
 test-e2e: setup tools ## The local cluster, the chart, the operator and real training jobs.
 	$(PYTEST) -m e2e -q
+
+kind-e2e: setup ## The e2e suite on a kind cluster (needs Docker, kind, kubectl, helm).
+	bash hack/kind/e2e.sh
 
 test: lint test-unit test-trainer test-e2e ## Every tier.
 

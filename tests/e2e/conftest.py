@@ -1,7 +1,8 @@
-"""Fixtures for the e2e tier: one local cluster per test session.
+"""Fixtures for the e2e tier: one local cluster per test session, or the cluster KUBETUNE_E2E_KUBECONFIG names.
 
 Importing this module starts nothing; the cluster starts when the first test asks for
 it. Missing binaries fail the tests (never skip them) with the command that builds them.
+On an external cluster (hack/kind/e2e.sh) the tests marked ``local_cluster`` are skipped.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from localcluster import LocalCluster, MissingBinariesError, locate_bin_dir
-from localcluster.stack import KubetuneStack, StackSettings
+from localcluster.external import ExternalConfig, external_stack
+from localcluster.stack import KubetuneStack, Stack, StackSettings
 
 
 @pytest.fixture(scope="session")
@@ -40,16 +42,31 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, cluster_bin_dir: Path) -> 
 REPO = Path(__file__).resolve().parents[2]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    external = ExternalConfig.from_env()
+    if external is None:
+        return
+    skip = pytest.mark.skip(reason=f"needs the local cluster's own parts; {external.kubeconfig} names another cluster")
+    for item in items:
+        if item.get_closest_marker("local_cluster"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
-def stack(cluster_bin_dir: Path) -> Iterator[KubetuneStack]:
-    """The whole stack on its own control plane: node agent, S3, Prometheus, kubetune installed by helm.
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """The whole stack on its own control plane: node agent, S3, Prometheus, kubetune installed by helm;
+    or kubetune installed on the external cluster the environment names.
 
     Its files and every component's log stay in .cache/e2e after the session, for diagnosis.
     """
-    workdir = REPO / ".cache" / "e2e"
+    external = ExternalConfig.from_env() is not None
+    workdir = REPO / ".cache" / ("e2e-external" if external else "e2e")
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    running = KubetuneStack(StackSettings(workdir=workdir))
+    running: Stack | None = external_stack(workdir)
+    if running is None:
+        request.getfixturevalue("cluster_bin_dir")
+        running = KubetuneStack(StackSettings(workdir=workdir))
     try:
         running.start()
     except Exception as error:

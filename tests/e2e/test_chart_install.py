@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from localcluster.stack import KubetuneStack
+from localcluster.stack import Stack
 from tests.unit.test_chart import MATRIX, render
 
 pytestmark = pytest.mark.e2e
@@ -18,7 +18,7 @@ CORE_CASES = ["defaults", "namespaced", "cluster-peering", "network-policy"]
 
 
 @pytest.mark.parametrize("case", [c for c in CORE_CASES if c in MATRIX])
-def test_rendered_objects_pass_server_side_dry_run(stack: KubetuneStack, case: str) -> None:
+def test_rendered_objects_pass_server_side_dry_run(stack: Stack, case: str) -> None:
     values, apis = MATRIX[case]
     rendered = render(values, apis)
     # Custom resources (kopf's peering objects) need their CRDs served first, as helm's hook ordering gives.
@@ -33,13 +33,13 @@ def test_rendered_objects_pass_server_side_dry_run(stack: KubetuneStack, case: s
     assert result.returncode == 0, result.stderr
 
 
-def can_i(stack: KubetuneStack, verb: str, resource: str, *flags: str) -> bool:
+def can_i(stack: Stack, verb: str, resource: str, *flags: str) -> bool:
     account = f"system:serviceaccount:{stack.settings.operator_namespace}:kubetune"
     result = stack.kubectl("auth", "can-i", verb, resource, f"--as={account}", *flags, check=False)
     return result.stdout.strip() == "yes"
 
 
-def test_operator_service_account_has_least_privilege(stack: KubetuneStack) -> None:
+def test_operator_service_account_has_least_privilege(stack: Stack) -> None:
     namespace = stack.settings.jobs_namespace
     for verb, resource in NEEDED:
         assert can_i(stack, verb, resource, "-n", namespace), f"{verb} {resource}"
@@ -49,7 +49,7 @@ def test_operator_service_account_has_least_privilege(stack: KubetuneStack) -> N
     assert "*" not in [line.split()[0] for line in rules.splitlines()[1:] if line.strip()]
 
 
-def test_operator_pod_is_admitted_under_restricted_pod_security(stack: KubetuneStack) -> None:
+def test_operator_pod_is_admitted_under_restricted_pod_security(stack: Stack) -> None:
     labels = stack.get_json("namespace", stack.settings.operator_namespace)["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
     pods = stack.get_json("pods", "-n", stack.settings.operator_namespace, "-l", "app.kubernetes.io/component=operator")["items"]

@@ -18,7 +18,7 @@ from localcluster import ClusterConfig, LocalCluster, processes_mentioning
 from localcluster.process import group_members
 from localcluster.tools import REPO_ROOT
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.local_cluster]
 
 T = TypeVar("T")
 

@@ -23,7 +23,7 @@ from localcluster import LocalCluster
 from localcluster.agent_process import image_paths, marked_processes
 from localcluster.nodeagent import NodeAgent
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.local_cluster]
 
 T = TypeVar("T")
 Json = dict[str, Any]

@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from hack import chart_readme
-from localcluster import MissingBinariesError, locate_bin_dir
+from localcluster import MissingBinariesError
+from localcluster.tools import find_tool
 from tests.support.dashboards import CONTRACT_METRICS, dashboard_queries, load_dashboards, metric_names, variable_queries
 
 pytestmark = pytest.mark.unit
@@ -96,16 +97,10 @@ CASES = [pytest.param(values, apis, id=name) for name, (values, apis) in MATRIX.
 
 def helm_binary() -> str:
     """The helm built by hack/build-tools.sh for the current pins (as the e2e suite uses), else KUBETUNE_HELM or PATH."""
-    explicit = os.environ.get("KUBETUNE_HELM")
-    if explicit:
-        return explicit
     try:
-        return str(locate_bin_dir(build=False) / "helm")
+        return find_tool("helm")
     except MissingBinariesError as missing:
-        on_path = shutil.which("helm")
-        if on_path:
-            return on_path
-        pytest.fail(f"helm not found: {missing} (or point KUBETUNE_HELM at a helm binary)")
+        pytest.fail(str(missing))
 
 
 def run_helm(*args: str, values: dict[str, Any] | None = None, tmp_path: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -110,8 +110,54 @@ class PodDiscovery:
                 continue
 
 
+class PrometheusQueries:
+    """The HTTP API calls the tests and the demo make, against any Prometheus at ``url``."""
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    def api(self, path: str, **params: str) -> Any:
+        """GET a Prometheus HTTP API path; returns the ``data`` member or raises on an error status."""
+        query = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=10) as response:
+            body = json.load(response)
+        if body.get("status") != "success":
+            raise RuntimeError(f"prometheus {path} failed: {body}")
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """Instant query; the result vector (or matrix/scalar as a list)."""
+        data = self.api("/api/v1/query", query=expr)
+        result = data["result"]
+        return result if isinstance(result, list) else [result]
+
+    def query_range(self, expr: str, seconds: float = 600.0, step: float = 2.0) -> list[dict[str, Any]]:
+        """Range query over the last ``seconds``, as Grafana panels run them."""
+        end = time.time()
+        data = self.api("/api/v1/query_range", query=expr, start=f"{end - seconds:.3f}", end=f"{end:.3f}", step=f"{step:g}")
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def targets(self) -> list[dict[str, Any]]:
+        """Active scrape targets with their health."""
+        active: list[dict[str, Any]] = self.api("/api/v1/targets")["activeTargets"]
+        return active
+
+
+class PrometheusAPI(PrometheusQueries):
+    """A Prometheus someone else runs (in a kind cluster, reached through a port-forward)."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url.rstrip("/")
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+
 @dataclass
-class Prometheus:
+class Prometheus(PrometheusQueries):
     """One Prometheus server on a free loopback port, its data and log under ``workdir``."""
 
     workdir: Path
@@ -182,30 +228,3 @@ class Prometheus:
             self.process.kill()
             self.process.wait()
         self.process = None
-
-    def api(self, path: str, **params: str) -> Any:
-        """GET a Prometheus HTTP API path; returns the ``data`` member or raises on an error status."""
-        query = urllib.parse.urlencode(params)
-        with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=10) as response:
-            body = json.load(response)
-        if body.get("status") != "success":
-            raise RuntimeError(f"prometheus {path} failed: {body}")
-        return body["data"]
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        """Instant query; the result vector (or matrix/scalar as a list)."""
-        data = self.api("/api/v1/query", query=expr)
-        result = data["result"]
-        return result if isinstance(result, list) else [result]
-
-    def query_range(self, expr: str, seconds: float = 600.0, step: float = 2.0) -> list[dict[str, Any]]:
-        """Range query over the last ``seconds``, as Grafana panels run them."""
-        end = time.time()
-        data = self.api("/api/v1/query_range", query=expr, start=f"{end - seconds:.3f}", end=f"{end:.3f}", step=f"{step:g}")
-        result: list[dict[str, Any]] = data["result"]
-        return result
-
-    def targets(self) -> list[dict[str, Any]]:
-        """Active scrape targets with their health."""
-        active: list[dict[str, Any]] = self.api("/api/v1/targets")["activeTargets"]
-        return active

@@ -55,6 +55,28 @@ def wait_for_port(host: str, port: int, timeout: float) -> bool:
     return False
 
 
+def client_env(endpoint_url: str) -> dict[str, str]:
+    """Environment for a client of a test S3 endpoint (any key pair is accepted)."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint_url,
+        "AWS_ACCESS_KEY_ID": DUMMY_ACCESS_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET_ACCESS_KEY,
+        "AWS_DEFAULT_REGION": REGION,
+    }
+
+
+def boto3_client(endpoint_url: str, service: str = "s3", *, access_key_id: str = DUMMY_ACCESS_KEY_ID, secret_access_key: str = DUMMY_SECRET_ACCESS_KEY) -> Any:
+    """A boto3 client of a test endpoint: path-style addressing, one attempt (tests arrange state, they do not retry)."""
+    return boto3.session.Session().client(
+        service,
+        endpoint_url=endpoint_url,
+        region_name=REGION,
+        aws_access_key_id=access_key_id,
+        aws_secret_access_key=secret_access_key,
+        config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}),
+    )
+
+
 class LoopbackProxy:
     """Forwards TCP connections from ``host:port`` to ``host:upstream_port`` until stopped."""
 
@@ -220,6 +242,11 @@ class MotoS3Server:
         return f"http://{self.host}:{self.port}"
 
     @property
+    def pod_endpoint_url(self) -> str:
+        """Pods of the local node are host processes: they reach the same loopback endpoint."""
+        return self.endpoint_url
+
+    @property
     def running(self) -> bool:
         return self._proxy.running
 
@@ -229,23 +256,11 @@ class MotoS3Server:
 
     def env(self) -> dict[str, str]:
         """Environment for a client of this endpoint, as the trainer pod receives it."""
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint_url,
-            "AWS_ACCESS_KEY_ID": DUMMY_ACCESS_KEY_ID,
-            "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET_ACCESS_KEY,
-            "AWS_DEFAULT_REGION": REGION,
-        }
+        return client_env(self.endpoint_url)
 
     def client(self, service: str = "s3", *, access_key_id: str = DUMMY_ACCESS_KEY_ID, secret_access_key: str = DUMMY_SECRET_ACCESS_KEY) -> Any:
         """A boto3 client for arranging test state (creating buckets, IAM users)."""
-        return boto3.session.Session().client(
-            service,
-            endpoint_url=self.endpoint_url,
-            region_name=REGION,
-            aws_access_key_id=access_key_id,
-            aws_secret_access_key=secret_access_key,
-            config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}),
-        )
+        return boto3_client(self.endpoint_url, service, access_key_id=access_key_id, secret_access_key=secret_access_key)
 
     def create_bucket(self, name: str | None = None) -> str:
         bucket = name or f"test-{uuid.uuid4().hex[:20]}"

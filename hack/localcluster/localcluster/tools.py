@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -50,3 +51,17 @@ def locate_bin_dir(build: bool) -> Path:
     bin_dir = Path(lines[-1])
     check_binaries(bin_dir)
     return bin_dir
+
+
+def find_tool(name: str) -> str:
+    """``kubectl`` or ``helm``: KUBETUNE_<NAME> if set, else the build for the current pins, else the one on PATH."""
+    explicit = os.environ.get(f"KUBETUNE_{name.upper()}")
+    if explicit:
+        return explicit
+    try:
+        return str(locate_bin_dir(build=False) / name)
+    except MissingBinariesError as missing:
+        on_path = shutil.which(name)
+        if on_path:
+            return on_path
+        raise MissingBinariesError(f"{name} not found: {missing} (or put {name} on PATH, or point KUBETUNE_{name.upper()} at one)") from missing
