@@ -9,6 +9,7 @@ so a status refresh costs no API reads.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -105,17 +106,19 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
             kopf.event(kopf.Body(cast(kopf.RawBody, body)), type=event.type, reason=event.reason, message=event.message)
 
     def refresh(key: Key, indexes: dict[str, Any], sample: TrainerSample | None = None, job: Obj | None = None, missing_secret: str | None = None) -> None:
+        """Recompute and publish the status: at once when the caller brings news (a sample, an adopted Job, a missing
+        Secret), else on the status lane, where refreshes of one FinetuneJob coalesce."""
         runtime.indexes = runtime.indexes or {name: indexes[name] for name in INDEX_IDS}
+        if sample is None and job is None and missing_secret is None:
+            runtime.defer(key, functools.partial(update, key, indexes))
+        else:
+            update(key, indexes, sample, job, missing_secret)
+
+    def update(key: Key, indexes: dict[str, Any], sample: TrainerSample | None = None, job: Obj | None = None, missing_secret: str | None = None) -> None:
         body = first(indexes["finetunejobs"].get(key))
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
             return
-        plain = sample is None and job is None and missing_secret is None
-        if plain and not runtime.queue(key):
-            # A refresh of this FinetuneJob is already waiting; it reads the indexes once it runs.
-            return
         with runtime.lock(key):
-            if plain:
-                runtime.dequeue(key)
             body = first(indexes["finetunejobs"].get(key)) or body
             try:
                 ftj = parse(body, runtime._written.get(key))
@@ -321,6 +324,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     async def stop_heartbeat(**_: Any) -> None:
         for task in runtime.tasks:
             task.cancel()
+        await asyncio.to_thread(runtime.close)
 
 
 async def _beat(health: Health) -> None:

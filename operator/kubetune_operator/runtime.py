@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -50,6 +52,7 @@ class Runtime:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # kopf's live index views, kept from the first handler call for the progress ticker.
     indexes: dict[str, Any] | None = None
+    _status_lane: ThreadPoolExecutor | None = None
 
     def track(self, key: Key, running: bool) -> None:
         """Remember which FinetuneJobs have a running trainer, whose progress the ticker reads."""
@@ -74,6 +77,35 @@ class Runtime:
                 return False
             self._queued.add(key)
             return True
+
+    def defer(self, key: Key, refresh: Callable[[], None]) -> None:
+        """Run a plain status refresh of ``key`` on the status lane, unless one is already waiting there.
+
+        The refresh reads kopf's live indexes when it runs, so one run covers every event that arrived
+        while it waited. Handler threads return at once, free for the next FinetuneJob's creation.
+        """
+        if not self.queue(key):
+            return
+        with self._guard:
+            if self._status_lane is None:
+                self._status_lane = ThreadPoolExecutor(max_workers=self.settings.status_workers, thread_name_prefix="status")
+            lane = self._status_lane
+        lane.submit(self._run_deferred, key, refresh)
+
+    def _run_deferred(self, key: Key, refresh: Callable[[], None]) -> None:
+        # Dequeued before reading anything: an event that arrives while this runs queues the next refresh.
+        self.dequeue(key)
+        try:
+            with self.timed("status_refresh"):
+                refresh()
+        except Exception:  # noqa: BLE001 - a lane thread has no caller to raise to; the next event refreshes again
+            logging.getLogger(__name__).exception("status refresh of %s/%s failed", *key)
+
+    def close(self) -> None:
+        with self._guard:
+            lane, self._status_lane = self._status_lane, None
+        if lane is not None:
+            lane.shutdown(wait=True, cancel_futures=True)
 
     def dequeue(self, key: Key) -> None:
         with self._guard:

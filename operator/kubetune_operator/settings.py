@@ -42,6 +42,13 @@ class OperatorSettings(BaseSettings):
     secret_retry_seconds: float = Field(default=10.0, gt=0, description="Delay between checks for a referenced Secret that does not exist yet.")
     scrape_timeout_seconds: float = Field(default=2.0, gt=0, description="Timeout of one read of a trainer's /metrics.")
     max_workers: int = Field(default=32, ge=1, le=256, description="Threads that run handlers; they block on API calls, so more threads hide API latency.")
+    status_workers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Threads that write FinetuneJob status after pod and Job changes. Few, so a burst of pod events coalesces "
+        "into fewer status writes and leaves the handler threads and the apiserver to creating trainer Jobs.",
+    )
     termination_grace_seconds: int = Field(default=300, ge=30, description="Grace period of trainer pods: time to checkpoint after SIGTERM.")
     pod_namespace: str = Field(
         default="",
