@@ -22,7 +22,9 @@ from kubetune_trainer.publish import (
     verify_adapter,
     verify_publication,
 )
-from kubetune_trainer.storage import RetryPolicy, S3Store, StorageError, StorageUnavailableError, StoreSettings, sha256_file
+from kubetune_trainer.storage import RetryPolicy, S3Store, StoreSettings
+from kubetune_trainer.storage_errors import StorageError, StorageUnavailableError
+from kubetune_trainer.storage_paths import sha256_file
 from tests.support import s3 as s3_support
 from tests.support.s3 import MotoS3Server
 

@@ -20,7 +20,9 @@ from kubetune_trainer.remote_checkpoints import (
     step_prefix,
     upload_checkpoint,
 )
-from kubetune_trainer.storage import S3Store, StorageError, sha256_file
+from kubetune_trainer.storage import S3Store
+from kubetune_trainer.storage_errors import StorageError
+from kubetune_trainer.storage_paths import sha256_file
 from tests.support import s3 as s3_support
 from tests.support.s3 import MotoS3Server
 

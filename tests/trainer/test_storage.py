@@ -8,23 +8,15 @@ import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kubetune_trainer.config import OutputSpec
 from kubetune_trainer.exitcodes import NON_RETRIABLE, ExitCode
-from kubetune_trainer.storage import (
-    RetryPolicy,
-    S3Store,
-    StorageAccessError,
-    StorageError,
-    StorageUnavailableError,
-    StoreSettings,
-    join_key,
-    parse_s3_uri,
-    safe_relative_path,
-    sha256_file,
-)
+from kubetune_trainer.storage import RetryPolicy, S3Store, StoreSettings
+from kubetune_trainer.storage_errors import StorageAccessError, StorageError, StorageUnavailableError
+from kubetune_trainer.storage_paths import join_key, parse_s3_uri, safe_relative_path, sha256_file
 from tests.support import s3 as s3_support
 from tests.support.s3 import MotoS3Server, free_port
 
@@ -122,6 +114,42 @@ def test_round_trip_keeps_bytes_and_checksum(s3_server: MotoS3Server, s3_bucket:
     assert not list(target.parent.glob("*.partial"))
     assert observer.bytes == {"upload": 300_000, "download": 300_000}
     assert observer.retries == 0
+
+
+class CallLog:
+    """Records the S3 operations a store's client sends, through botocore's own event hooks."""
+
+    def __init__(self, store: S3Store) -> None:
+        self.operations: list[str] = []
+        store.client.meta.events.register("before-call.s3.*", self._record)
+
+    def _record(self, model: Any, **_: Any) -> None:
+        self.operations.append(model.name)
+
+
+@pytest.mark.unit
+def test_small_upload_confirmed_by_s3_takes_one_request(s3_server: MotoS3Server, s3_bucket: str, tmp_path: Path) -> None:
+    store = make_store(s3_server, s3_bucket)
+    calls = CallLog(store)
+    store.upload_file(random_file(tmp_path / "a.bin", 50_000), "a.bin", skip_if_identical=False)
+    assert calls.operations == ["PutObject"]
+
+
+@pytest.mark.unit
+def test_store_that_ignores_the_checksum_is_read_back(s3_server: MotoS3Server, s3_bucket: str, tmp_path: Path) -> None:
+    """Some S3-compatible servers ignore x-amz-checksum-sha256; moto honours it, so the answer is edited to look
+    like theirs (a botocore hook drops the confirmation) and the object must then be read back and checked."""
+    store = make_store(s3_server, s3_bucket)
+    calls = CallLog(store)
+
+    def forget_checksum(parsed: dict[str, Any], **_: Any) -> None:
+        parsed.pop("ChecksumSHA256", None)
+
+    store.client.meta.events.register("after-call.s3.PutObject", forget_checksum)
+    source = random_file(tmp_path / "a.bin", 50_000)
+    info = store.upload_file(source, "a.bin", skip_if_identical=False)
+    assert calls.operations == ["PutObject", "HeadObject"]
+    assert info.sha256 == sha256_file(source)
 
 
 @pytest.mark.unit

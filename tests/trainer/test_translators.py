@@ -125,7 +125,7 @@ def test_cuda_oom_is_classified_with_advice() -> None:
 
 def test_errors_of_other_layers_keep_their_exit_code() -> None:
     from kubetune_trainer.data.errors import DataError
-    from kubetune_trainer.storage import StorageAccessError
+    from kubetune_trainer.storage_errors import StorageAccessError
 
     assert classify(DataError("field 'text' missing")).exit_code is ExitCode.DATA_ERROR
     assert classify(StorageAccessError("bucket missing")).exit_code is ExitCode.STORAGE_ACCESS_ERROR

@@ -151,7 +151,7 @@ def fetch_model(spec: ModelSpec, output: OutputSpec, work_dir: Path, store_facto
             )
         return ModelFiles(str(path), None, None)
     if kind == "s3":
-        from kubetune_trainer.storage import parse_s3_uri
+        from kubetune_trainer.storage_paths import parse_s3_uri
 
         bucket, prefix = parse_s3_uri(spec.source)
         store = store_factory(output.model_copy(update={"bucket": bucket}))

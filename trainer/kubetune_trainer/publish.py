@@ -17,7 +17,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.storage import S3Store, StorageError, iter_files, join_key, parse_s3_uri
+from kubetune_trainer.storage import S3Store
+from kubetune_trainer.storage_errors import StorageError
+from kubetune_trainer.storage_paths import iter_files, join_key, parse_s3_uri
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1

@@ -14,7 +14,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from kubetune_trainer.storage import S3Store, StorageError, iter_files, join_key, parse_s3_uri, safe_relative_path, sha256_file
+from kubetune_trainer.storage import S3Store
+from kubetune_trainer.storage_errors import StorageError
+from kubetune_trainer.storage_paths import iter_files, join_key, parse_s3_uri, safe_relative_path, sha256_file
 
 CHECKPOINT_MANIFEST = "checkpoint.json"
 CHECKPOINT_SCHEMA_VERSION = 1
@@ -58,7 +60,8 @@ def upload_checkpoint(store: S3Store, local_ckpt_dir: Path, run_prefix: str, ste
         relative = path.relative_to(local_ckpt_dir).as_posix()
         if relative == CHECKPOINT_MANIFEST:
             continue
-        info = store.upload_file(path, prefix + relative)
+        # A step folder is written once: nothing there can be identical, so no HEAD first.
+        info = store.upload_file(path, prefix + relative, skip_if_identical=False)
         files.append({"path": relative, "sha256": info.sha256, "size": info.size})
     if not files:
         raise StorageError(f"checkpoint folder {local_ckpt_dir} is empty")

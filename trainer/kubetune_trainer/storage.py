@@ -7,9 +7,10 @@ raises ``StorageAccessError`` at once; a store that stays unreachable past the b
 come from the environment and never appear in messages.
 
 Uploads hash the file locally, send it with an S3 SHA-256 checksum (the server rejects a body
-that does not match) and record the hex digest as object metadata, then read the object's size
-and checksum back before reporting success. That metadata is what publication and checkpoint
-manifests are checked against without downloading the data again.
+that does not match) and record the hex digest as object metadata. A single-part upload is done
+when S3 confirms the checksum in its answer; a multipart upload, or a store that does not confirm
+it, is read back (size and checksum) before reporting success. That metadata is what publication
+and checkpoint manifests are checked against without downloading the data again.
 """
 
 from __future__ import annotations
@@ -20,65 +21,34 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import ClientError, HTTPClientError
-from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import ClientError
 
 from kubetune_trainer.config import OutputSpec
-from kubetune_trainer.exitcodes import ExitCode
+from kubetune_trainer.storage_errors import (
+    StorageAccessError,
+    StorageError,
+    StorageIntegrityError,
+    StorageUnavailableError,
+    causes,
+    classify,
+    describe,
+    error_code,
+)
+from kubetune_trainer.storage_paths import iter_files, join_key, safe_relative_path, sha256_file
 
 Direction = Literal["upload", "download"]
 T = TypeVar("T")
 
 SHA256_METADATA_KEY = "sha256"
 """User metadata key (x-amz-meta-sha256) holding the hex SHA-256 of the whole object."""
-
-ACCESS_ERROR_CODES = frozenset(
-    {"AccessDenied", "AllAccessDisabled", "AccountProblem", "ExpiredToken", "Forbidden", "InvalidAccessKeyId", "InvalidBucketName"}
-    | {"InvalidToken", "NoSuchBucket", "SignatureDoesNotMatch", "403", "AuthorizationHeaderMalformed", "PermanentRedirect"}
-    | {"IllegalLocationConstraintException"}
-)
-"""S3 error codes that waiting cannot fix: refusals (a HEAD request reports one only as "403"), a wrong bucket or region."""
-RETRIABLE_ERROR_CODES = frozenset(
-    {"InternalError", "RequestTimeout", "RequestTimeTooSkewed", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException"}
-    | {"TooManyRequests", "BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"}
-)
-"""S3 error codes worth another attempt (besides every 5xx and 429): throttling, server faults, bytes damaged in transit."""
-
-
-class StorageError(Exception):
-    """An S3 operation failed; ``exit_code`` tells the trainer how to end."""
-
-    exit_code: ExitCode = ExitCode.RUNTIME_ERROR
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class StorageAccessError(StorageError):
-    """S3 refused the request or the bucket does not exist: retrying cannot help."""
-
-    exit_code = ExitCode.STORAGE_ACCESS_ERROR
-
-
-class StorageUnavailableError(StorageError):
-    """S3 did not answer (or kept failing) for the whole retry budget."""
-
-    exit_code = ExitCode.STORAGE_UNAVAILABLE
-
-
-class StorageIntegrityError(StorageError):
-    """Data read back does not match its checksum. Retried; persistent mismatches end as unavailable."""
-
-    exit_code = ExitCode.STORAGE_UNAVAILABLE
 
 
 class StorageObserver(Protocol):
@@ -133,71 +103,6 @@ class ObjectInfo:
     key: str
     size: int
     sha256: str | None = None
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """Split ``s3://bucket/key/prefix`` into ``("bucket", "key/prefix")``; the key may be empty."""
-    if not uri.startswith("s3://"):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    if not bucket:
-        raise ValueError(f"s3 URI without a bucket: {uri!r}")
-    return bucket, key
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _error_code(error: ClientError) -> str:
-    return str(error.response.get("Error", {}).get("Code", ""))
-
-
-def _http_status(error: ClientError) -> int:
-    return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-
-
-def _causes(error: BaseException) -> Iterator[BaseException]:
-    """The error and what it wraps: boto3's transfer layer re-raises client errors as its own types."""
-    seen: set[int] = set()
-    pending: list[BaseException] = [error]
-    while pending:
-        current = pending.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        for wrapped in (getattr(current, "last_exception", None), current.__cause__, current.__context__):
-            if isinstance(wrapped, BaseException):
-                pending.append(wrapped)
-
-
-def _classify(error: BaseException) -> Literal["access", "retry", "other"]:
-    for cause in _causes(error):
-        if isinstance(cause, ClientError):
-            code = _error_code(cause)
-            if code in ACCESS_ERROR_CODES:
-                return "access"
-            if code in RETRIABLE_ERROR_CODES or _http_status(cause) >= 500 or _http_status(cause) == 429:
-                return "retry"
-            return "other"
-        if isinstance(cause, BotoConnectionError | HTTPClientError | StorageIntegrityError | ConnectionError | TimeoutError):
-            return "retry"
-    return "other"
-
-
-def _describe(error: BaseException) -> str:
-    """A short cause for messages: the S3 error code and text, never request headers or keys."""
-    for cause in _causes(error):
-        if isinstance(cause, ClientError):
-            message = cause.response.get("Error", {}).get("Message", "")
-            return f"{_error_code(cause) or _http_status(cause)}: {message}".rstrip(": ")
-    return f"{type(error).__name__}: {error}"
 
 
 class S3Store:
@@ -277,18 +182,18 @@ class S3Store:
             except Exception as error:
                 if isinstance(error, StorageError) and not isinstance(error, StorageIntegrityError):
                     raise
-                kind = _classify(error)
+                kind = classify(error)
                 if kind == "access":
                     raise StorageAccessError(self._access_message(operation, key, error)) from error
-                if kind == "other" and any(isinstance(cause, ClientError) for cause in _causes(error)):
-                    raise StorageError(f"S3 {operation} of s3://{self.bucket}/{key} failed ({_describe(error)})") from error
+                if kind == "other" and any(isinstance(cause, ClientError) for cause in causes(error)):
+                    raise StorageError(f"S3 {operation} of s3://{self.bucket}/{key} failed ({describe(error)})") from error
                 if kind != "retry":
                     raise
                 delay = policy.delay(attempt, self._rng)
                 if time.monotonic() + delay > deadline:
                     raise StorageUnavailableError(
                         f"S3 {operation} of s3://{self.bucket}/{key} failed {attempt + 1} times in "
-                        f"{time.monotonic() - began:.0f}s ({_describe(error)}); check that the endpoint "
+                        f"{time.monotonic() - began:.0f}s ({describe(error)}); check that the endpoint "
                         f"{self.endpoint_url or 'AWS S3'} is reachable from the pod. The job is retried from its newest checkpoint."
                     ) from error
                 attempt += 1
@@ -297,7 +202,7 @@ class S3Store:
 
     def _access_message(self, operation: str, key: str, error: BaseException) -> str:
         return (
-            f"S3 refused {operation} of s3://{self.bucket}/{key} ({_describe(error)}). Check that bucket "
+            f"S3 refused {operation} of s3://{self.bucket}/{key} ({describe(error)}). Check that bucket "
             f"'{self.bucket}' exists at {self.endpoint_url or 'AWS S3'} in the configured region (spec.output.bucket, endpointUrl, region) "
             "and that the key pair in spec.output.credentialsSecret may read and write it."
         )
@@ -315,7 +220,7 @@ class S3Store:
         try:
             response = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         except ClientError as error:
-            if _error_code(error) in {"404", "NoSuchKey", "NotFound"}:
+            if error_code(error) in {"404", "NoSuchKey", "NotFound"}:
                 return None
             raise
         metadata = response.get("Metadata") or {}
@@ -339,13 +244,16 @@ class S3Store:
                 return ObjectInfo(key=key, size=size, sha256=digest)
 
         def call() -> ObjectInfo:
-            self.client.upload_file(
-                str(local_path),
-                self.bucket,
-                key,
-                ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {SHA256_METADATA_KEY: digest}},
-                Config=self._transfer,
-            )
+            if size < self.settings.multipart_threshold_bytes and self._put_verified(local_path, key, digest):
+                return ObjectInfo(key=key, size=size, sha256=digest)
+            if size >= self.settings.multipart_threshold_bytes:
+                self.client.upload_file(
+                    str(local_path),
+                    self.bucket,
+                    key,
+                    ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {SHA256_METADATA_KEY: digest}},
+                    Config=self._transfer,
+                )
             response = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
             self._check_uploaded(key, response, size, digest)
             return ObjectInfo(key=key, size=size, sha256=digest)
@@ -353,6 +261,19 @@ class S3Store:
         info = self._retrying("upload", key, call)
         self.observer.on_bytes("upload", size)
         return info
+
+    def _put_verified(self, local_path: Path, key: str, digest: str) -> bool:
+        """One PUT carrying the SHA-256: True when S3 confirms it checked the body against it.
+
+        A store that ignores the checksum header (some S3-compatible servers) answers without it;
+        the caller then reads the object back instead.
+        """
+        checksum = base64.b64encode(bytes.fromhex(digest)).decode("ascii")
+        with local_path.open("rb") as body:
+            response = self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=body, ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum, Metadata={SHA256_METADATA_KEY: digest}
+            )
+        return bool(response.get("ChecksumSHA256") == checksum)
 
     def _check_uploaded(self, key: str, response: Mapping[str, Any], size: int, digest: str) -> None:
         stored_size = int(response["ContentLength"])
@@ -420,6 +341,7 @@ class S3Store:
                 Key=key,
                 Body=data,
                 ContentType=content_type,
+                ChecksumAlgorithm="SHA256",
                 ChecksumSHA256=base64.b64encode(raw).decode("ascii"),
                 Metadata={SHA256_METADATA_KEY: raw.hex()},
             )
@@ -436,7 +358,7 @@ class S3Store:
             try:
                 response = self.client.get_object(Bucket=self.bucket, Key=key)
             except ClientError as error:
-                if _error_code(error) in {"NoSuchKey", "404"}:
+                if error_code(error) in {"NoSuchKey", "404"}:
                     return None
                 raise
             body: bytes = response["Body"].read()
@@ -456,7 +378,7 @@ class S3Store:
             try:
                 response = self.client.get_object(Bucket=self.bucket, Key=key)
             except ClientError as error:
-                if _error_code(error) in {"NoSuchKey", "404"}:
+                if error_code(error) in {"NoSuchKey", "404"}:
                     return None
                 raise
             digest = hashlib.sha256()
@@ -543,21 +465,3 @@ def _full_object_sha256(response: Mapping[str, Any]) -> str | None:
     except ValueError:
         return None
     return raw.hex() if len(raw) == 32 else None
-
-
-def join_key(*parts: str) -> str:
-    """Join key segments with single slashes, dropping empty ones."""
-    return "/".join(part.strip("/") for part in parts if part.strip("/"))
-
-
-def iter_files(root: Path) -> list[Path]:
-    """Regular files under ``root``, sorted by relative path, so uploads and manifests are deterministic."""
-    return sorted((path for path in root.rglob("*") if path.is_file()), key=lambda path: path.relative_to(root).as_posix())
-
-
-def safe_relative_path(relative: str) -> PurePosixPath:
-    """A key suffix as a relative path; rejects absolute paths and '..' so a bucket cannot write outside the target."""
-    path = PurePosixPath(relative)
-    if not relative or path.is_absolute() or ".." in path.parts:
-        raise StorageError(f"refusing to write object key suffix {relative!r} outside the target directory")
-    return path

@@ -1,0 +1,101 @@
+"""Why an S3 call failed, told apart: refused (waiting cannot help), worth retrying, or something else.
+
+Each error carries the trainer exit code the operator acts on; messages name the S3 error code and
+text, never request headers or keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from kubetune_trainer.exitcodes import ExitCode
+
+ACCESS_ERROR_CODES = frozenset(
+    {"AccessDenied", "AllAccessDisabled", "AccountProblem", "ExpiredToken", "Forbidden", "InvalidAccessKeyId", "InvalidBucketName"}
+    | {"InvalidToken", "NoSuchBucket", "SignatureDoesNotMatch", "403", "AuthorizationHeaderMalformed", "PermanentRedirect"}
+    | {"IllegalLocationConstraintException"}
+)
+"""S3 error codes that waiting cannot fix: refusals (a HEAD request reports one only as "403"), a wrong bucket or region."""
+RETRIABLE_ERROR_CODES = frozenset(
+    {"InternalError", "RequestTimeout", "RequestTimeTooSkewed", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException"}
+    | {"TooManyRequests", "BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"}
+)
+"""S3 error codes worth another attempt (besides every 5xx and 429): throttling, server faults, bytes damaged in transit."""
+
+
+class StorageError(Exception):
+    """An S3 operation failed; ``exit_code`` tells the trainer how to end."""
+
+    exit_code: ExitCode = ExitCode.RUNTIME_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class StorageAccessError(StorageError):
+    """S3 refused the request or the bucket does not exist: retrying cannot help."""
+
+    exit_code = ExitCode.STORAGE_ACCESS_ERROR
+
+
+class StorageUnavailableError(StorageError):
+    """S3 did not answer (or kept failing) for the whole retry budget."""
+
+    exit_code = ExitCode.STORAGE_UNAVAILABLE
+
+
+class StorageIntegrityError(StorageError):
+    """Data read back does not match its checksum. Retried; persistent mismatches end as unavailable."""
+
+    exit_code = ExitCode.STORAGE_UNAVAILABLE
+
+
+def error_code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def http_status(error: ClientError) -> int:
+    return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """The error and what it wraps: boto3's transfer layer re-raises client errors as its own types."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        for wrapped in (getattr(current, "last_exception", None), current.__cause__, current.__context__):
+            if isinstance(wrapped, BaseException):
+                pending.append(wrapped)
+
+
+def classify(error: BaseException) -> Literal["access", "retry", "other"]:
+    for cause in causes(error):
+        if isinstance(cause, ClientError):
+            code = error_code(cause)
+            if code in ACCESS_ERROR_CODES:
+                return "access"
+            if code in RETRIABLE_ERROR_CODES or http_status(cause) >= 500 or http_status(cause) == 429:
+                return "retry"
+            return "other"
+        if isinstance(cause, BotoConnectionError | HTTPClientError | StorageIntegrityError | ConnectionError | TimeoutError):
+            return "retry"
+    return "other"
+
+
+def describe(error: BaseException) -> str:
+    """A short cause for messages: the S3 error code and text, never request headers or keys."""
+    for cause in causes(error):
+        if isinstance(cause, ClientError):
+            message = cause.response.get("Error", {}).get("Message", "")
+            return f"{error_code(cause) or http_status(cause)}: {message}".rstrip(": ")
+    return f"{type(error).__name__}: {error}"
