@@ -4,7 +4,9 @@ Creates 100 FinetuneJobs at once (gpus: 1, so they land on kwok's fake GPU nodes
 then 1,000 suspended ones, against a real apiserver with the operator running as a process.
 Prints, for each batch, p50/p99 of the time from FinetuneJob to trainer Job (from the
 creationTimestamps, whole seconds as the apiserver stores them, and from a watch, in
-milliseconds), the operator's peak RSS, API writes per job and duplicate Jobs (must be 0).
+milliseconds), and, on the local cluster, from the apiserver's audit log (when each object was
+stored, in microseconds, free of this client's own delays); the operator's peak RSS, API writes
+per job and duplicate Jobs (must be 0).
 
     python bench/operator_latency.py                    # starts its own local cluster
     python bench/operator_latency.py --kubeconfig PATH  # an existing cluster with the CRD installed
@@ -87,6 +89,36 @@ def apiserver_writes(api_client: client.ApiClient) -> Counter[str]:
             key = f"{labels.get('verb')} {labels['resource']}" + (f"/{labels['subresource']}" if labels.get("subresource") else "")
             totals[key] += int(float(line.rsplit(" ", 1)[1]))
     return totals
+
+
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived", "ResponseStarted"],
+    "rules": [
+        {"level": "Metadata", "verbs": ["create"], "resources": [{"group": api.GROUP, "resources": [api.PLURAL]}, {"group": "batch", "resources": ["jobs"]}]},
+        {"level": "None"},
+    ],
+}
+
+
+def audit_args(workdir: Path) -> tuple[str, ...]:
+    """kube-apiserver flags that log when each FinetuneJob and Job create completed."""
+    policy = workdir / "audit-policy.yaml"
+    policy.write_text(yaml.safe_dump(AUDIT_POLICY))
+    return (f"--audit-policy-file={policy}", f"--audit-log-path={workdir / 'audit.log'}", "--audit-log-mode=blocking")
+
+
+def stored_at(audit_log: Path, namespace: str) -> dict[tuple[str, str], datetime]:
+    """(resource, name) -> when the apiserver finished creating it, from the audit log."""
+    times: dict[tuple[str, str], datetime] = {}
+    with audit_log.open(encoding="utf-8") as lines:
+        for line in lines:
+            event = json.loads(line)
+            ref = event.get("objectRef") or {}
+            if event.get("stage") == "ResponseComplete" and ref.get("namespace") == namespace and event.get("responseStatus", {}).get("code") == 201:
+                times[(ref["resource"], ref.get("name", ""))] = timestamp(event["stageTimestamp"])
+    return times
 
 
 class JobWatch:
@@ -177,7 +209,9 @@ def timestamp(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def run_batch(clients: tuple[client.CustomObjectsApi, client.BatchV1Api, client.ApiClient], namespace: str, count: int, suspend: bool, port: int) -> None:
+def run_batch(
+    clients: tuple[client.CustomObjectsApi, client.BatchV1Api, client.ApiClient], namespace: str, count: int, suspend: bool, port: int, audit_log: Path | None
+) -> None:
     custom, batch, api_client = clients
     names = [f"{'s' if suspend else 'g'}{i:04d}" for i in range(count)]
     writes_before, own_before = apiserver_writes(api_client), operator_writes(port)
@@ -219,6 +253,16 @@ def run_batch(clients: tuple[client.CustomObjectsApi, client.BatchV1Api, client.
     if stamped:
         p50, p99, worst = statistics.median(stamped), percentile(stamped, 0.99), max(stamped)
         print(f"latency by creationTimestamp (1 s resolution): p50 {p50:.0f} s, p99 {p99:.0f} s, max {worst:.0f} s")
+    if audit_log is not None:
+        stored = stored_at(audit_log, namespace)
+        audited = [
+            (stored[("jobs", manifests.job_name(n))] - stored[(api.PLURAL, n)]).total_seconds()
+            for n in names
+            if (api.PLURAL, n) in stored and ("jobs", manifests.job_name(n)) in stored
+        ]
+        if audited:
+            p50, p99, worst = statistics.median(audited) * 1000, percentile(audited, 0.99) * 1000, max(audited) * 1000
+            print(f"latency by audit log (FinetuneJob stored -> Job stored; {len(audited)} pairs): p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {worst:.0f} ms")
     print(f"operator handler writes per job (own metric): {(operator_writes(port) - own_before) / count:.2f}")
     print(f"apiserver writes per job on {', '.join(OPERATOR_RESOURCES)} (all clients, minus the benchmark's creates): {sum(per_job.values()):.2f} {per_job}")
 
@@ -232,10 +276,13 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kubetune-bench-")))
         kubeconfig = args.kubeconfig
+        audit_log: Path | None = None
         if kubeconfig is None:
-            from localcluster import LocalCluster, locate_bin_dir
+            from localcluster import ClusterConfig, LocalCluster, locate_bin_dir
 
-            cluster = stack.enter_context(LocalCluster(workdir / "cluster", locate_bin_dir(build=False)))
+            audit_log = workdir / "audit.log"
+            cluster_config = ClusterConfig(workdir=workdir / "cluster", bin_dir=locate_bin_dir(build=False), extra_apiserver_args=audit_args(workdir))
+            cluster = stack.enter_context(LocalCluster(config=cluster_config))
             cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(crdgen.build_crd()))
             cluster.kubectl("wait", "--for=condition=Established", f"crd/{api.PLURAL}.{api.GROUP}", "--timeout=60s")
             kubeconfig = cluster.kubeconfig
@@ -247,9 +294,9 @@ def main() -> None:
         try:
             process, port = stack.enter_context(operator_process(kubeconfig, workdir / "operator.log"))
             print(f"operator pid {process.pid}; RSS at start {memory_kib(process.pid)['VmRSS'] / 1024:.0f} MiB")
-            run_batch((custom, batch, api_client), namespace, args.small, suspend=False, port=port)
+            run_batch((custom, batch, api_client), namespace, args.small, suspend=False, port=port, audit_log=audit_log)
             print(f"operator RSS {memory_kib(process.pid)['VmRSS'] / 1024:.0f} MiB")
-            run_batch((custom, batch, api_client), namespace, args.large, suspend=True, port=port)
+            run_batch((custom, batch, api_client), namespace, args.large, suspend=True, port=port, audit_log=audit_log)
             time.sleep(10)  # idle with every job loaded: indexes, watches and timers at rest
             memory = memory_kib(process.pid)
             rss, peak = memory["VmRSS"] / 1024, memory["VmHWM"] / 1024
