@@ -8,6 +8,7 @@ On an external cluster (hack/kind/e2e.sh) the tests marked ``local_cluster`` are
 from __future__ import annotations
 
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,20 @@ import pytest
 from localcluster import LocalCluster, MissingBinariesError, locate_bin_dir
 from localcluster.external import ExternalConfig, external_stack
 from localcluster.stack import KubetuneStack, Stack, StackSettings
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the teardown short
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sigterm_tears_down() -> Iterator[None]:
+    """A SIGTERM (a CI timeout, a supervisor) ends the session like Ctrl-C, so the fixtures below still stop
+    every process they started instead of leaving a cluster behind."""
+    previous = signal.signal(signal.SIGTERM, _interrupted)
+    yield
+    signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from localcluster import processes_mentioning
 
 pytestmark = [pytest.mark.e2e, pytest.mark.local_cluster]
 
@@ -32,3 +35,23 @@ def test_demo_runs_end_to_end() -> None:
     assert "adapter: s3://kubetune-demo/runs/ml/tiny-lora/adapter/" in output
     assert "with the adapter:" in output
     assert "stopping everything the demo started" in output
+
+
+def test_sigterm_stops_everything_the_demo_started(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "hack" / "localcluster"), str(REPO)])}
+    argv = [sys.executable, "-m", "localcluster.demo", "--non-interactive", "--workdir", str(workdir), "--s3-port", "0"]
+    demo = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert demo.stdout is not None
+    lines = []
+    for line in demo.stdout:
+        lines.append(line)
+        if "installing kubetune with helm" in line:
+            break
+    assert processes_mentioning(str(workdir)), "the demo's cluster should be running by now:\n" + "".join(lines)
+    demo.send_signal(signal.SIGTERM)
+    rest, _ = demo.communicate(timeout=180)
+    output = "".join(lines) + rest
+    assert demo.returncode == 130, output[-3000:]
+    assert "stopping everything the demo started" in output
+    assert processes_mentioning(str(workdir)) == []

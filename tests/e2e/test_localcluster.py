@@ -259,3 +259,21 @@ def test_stop_leaves_no_process_behind(tmp_path: Path, cluster_bin_dir: Path) ->
     assert processes_mentioning(str(workdir)) == []
     assert group_members(extra.pid) == []
     assert not (workdir / "state.json").exists()
+
+
+def test_sigterm_to_the_test_session_stops_its_cluster(tmp_path: Path) -> None:
+    """A CI timeout's SIGTERM mid-session still runs the fixtures' teardown: no cluster process survives."""
+    basetemp = tmp_path / "inner"
+    argv = [sys.executable, "-m", "pytest", "-m", "e2e", "-q", "-p", "no:cacheprovider", f"--basetemp={basetemp}"]
+    argv += ["tests/e2e/test_localcluster.py", "-k", "not sigterm and not cli_up and not stop_leaves"]
+    session = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert session.stdout is not None
+    # The first test's progress mark: the session-scoped cluster is up and tests are running.
+    first = session.stdout.read(1)
+    assert first in ".FEs", first + session.stdout.read()
+    assert processes_mentioning(str(basetemp)), "the inner session's cluster is not running"
+    session.terminate()
+    output, _ = session.communicate(timeout=120)
+    assert session.returncode == pytest.ExitCode.INTERRUPTED, output[-3000:]
+    assert "KeyboardInterrupt" in output
+    assert processes_mentioning(str(basetemp)) == [], output[-3000:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -66,8 +67,15 @@ def generations(stack: KubetuneStack, adapter_uri: str) -> tuple[str, str]:
     return without, complete(tuned)
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run(args: argparse.Namespace) -> int:
     stack = KubetuneStack(StackSettings(workdir=args.workdir, s3_port=args.s3_port))
+    # A terminal closing or a supervisor's SIGTERM stops the demo like Ctrl-C: everything it started is stopped.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupted)
     try:
         stack.start(progress=lambda step: say(f"==> {step}"))
         namespace = stack.settings.jobs_namespace
@@ -102,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # stopping must not be cut short
         say("==> stopping everything the demo started")
         stack.stop()
 
