@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,12 +111,12 @@ class PodDiscovery:
                 continue
 
 
-class PrometheusQueries:
+class PrometheusQueries(ABC):
     """The HTTP API calls the tests and the demo make, against any Prometheus at ``url``."""
 
     @property
-    def url(self) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def url(self) -> str: ...
 
     def api(self, path: str, **params: str) -> Any:
         """GET a Prometheus HTTP API path; returns the ``data`` member or raises on an error status."""

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,7 @@ class S3Endpoint(Protocol):
     def stop(self) -> None: ...
 
 
-class Stack:
+class Stack(ABC):
     """A cluster with kubetune installed, S3 and Prometheus: what the e2e tests and the demo use."""
 
     settings: StackSettings
@@ -113,26 +114,26 @@ class Stack:
     local: bool = False
 
     @property
-    def kubeconfig(self) -> Path:
-        raise NotImplementedError
+    @abstractmethod
+    def kubeconfig(self) -> Path: ...
 
     @property
-    def kubectl_binary(self) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def kubectl_binary(self) -> str: ...
 
     @property
-    def helm_binary(self) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def helm_binary(self) -> str: ...
 
-    def start(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def start(self) -> None: ...
 
-    def stop(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def stop(self) -> None: ...
 
+    @abstractmethod
     def crash_pod(self, pod: dict[str, Any]) -> None:
         """End a running pod's containers without letting them finish their work."""
-        raise NotImplementedError
 
     # setup shared by every kind of cluster
 
