@@ -15,20 +15,16 @@ from pathlib import Path
 import pytest
 
 from localcluster import LocalCluster, MissingBinariesError, locate_bin_dir
-from localcluster.external import ExternalConfig, external_stack
+from localcluster.external import ExternalConfig, ExternalStack
+from localcluster.process import interrupt
 from localcluster.stack import KubetuneStack, Stack, StackSettings
-
-
-def _interrupted(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the teardown short
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def sigterm_tears_down() -> Iterator[None]:
     """A SIGTERM (a CI timeout, a supervisor) ends the session like Ctrl-C, so the fixtures below still stop
     every process they started instead of leaving a cluster behind."""
-    previous = signal.signal(signal.SIGTERM, _interrupted)
+    previous = signal.signal(signal.SIGTERM, interrupt)
     yield
     signal.signal(signal.SIGTERM, previous)
 
@@ -74,12 +70,14 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
 
     Its files and every component's log stay in .cache/e2e after the session, for diagnosis.
     """
-    external = ExternalConfig.from_env() is not None
+    external = ExternalConfig.from_env()
     workdir = REPO / ".cache" / ("e2e-external" if external else "e2e")
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    running: Stack | None = external_stack(workdir)
-    if running is None:
+    running: Stack
+    if external is not None:
+        running = ExternalStack(StackSettings(workdir=workdir, jobs_namespace=external.jobs_namespace), external)
+    else:
         request.getfixturevalue("cluster_bin_dir")
         running = KubetuneStack(StackSettings(workdir=workdir))
     try:

@@ -244,9 +244,10 @@ class S3Store:
                 return ObjectInfo(key=key, size=size, sha256=digest)
 
         def call() -> ObjectInfo:
-            if size < self.settings.multipart_threshold_bytes and self._put_verified(local_path, key, digest):
-                return ObjectInfo(key=key, size=size, sha256=digest)
-            if size >= self.settings.multipart_threshold_bytes:
+            if size < self.settings.multipart_threshold_bytes:
+                if self._put_verified(local_path, key, digest):
+                    return ObjectInfo(key=key, size=size, sha256=digest)
+            else:
                 self.client.upload_file(
                     str(local_path),
                     self.bucket,

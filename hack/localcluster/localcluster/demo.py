@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from localcluster.process import interrupt
 from localcluster.stack import DEMO_BUCKET, REPO, KubetuneStack, StackSettings
 
 EXAMPLE = "tiny-cpu-lora.yaml"
@@ -67,15 +68,11 @@ def generations(stack: KubetuneStack, adapter_uri: str) -> tuple[str, str]:
     return without, complete(tuned)
 
 
-def _interrupted(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def run(args: argparse.Namespace) -> int:
     stack = KubetuneStack(StackSettings(workdir=args.workdir, s3_port=args.s3_port))
     # A terminal closing or a supervisor's SIGTERM stops the demo like Ctrl-C: everything it started is stopped.
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupted)
+        signal.signal(sig, interrupt)
     try:
         stack.start(progress=lambda step: say(f"==> {step}"))
         namespace = stack.settings.jobs_namespace

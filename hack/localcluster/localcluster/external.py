@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,12 +158,3 @@ class ExternalStack(Stack):
         speak of, so the Job controller starts a replacement as it would after a node loss."""
         meta = pod["metadata"]
         self.kubectl("delete", "pod", meta["name"], "-n", meta["namespace"], "--grace-period=0", "--force", "--wait=false")
-
-
-def external_stack(workdir: Path | None = None) -> ExternalStack | None:
-    """The stack the environment names, not yet started; None when it names none."""
-    config = ExternalConfig.from_env()
-    if config is None:
-        return None
-    settings = StackSettings(workdir=workdir or Path(tempfile.mkdtemp(prefix="kubetune-e2e-")), jobs_namespace=config.jobs_namespace)
-    return ExternalStack(settings, config)

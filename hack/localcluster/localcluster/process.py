@@ -166,3 +166,10 @@ def log_tail(log: Path, lines: int = 40) -> str:
     except FileNotFoundError:
         return "(no log written)"
     return "\n".join(content[-lines:])
+
+
+def interrupt(signum: int, frame: object) -> None:
+    """Signal handler that ends the program like Ctrl-C, so ``finally`` blocks and fixture teardowns
+    stop what was started; the same signal is ignored afterwards so a second one cannot cut that short."""
+    signal.signal(signum, signal.SIG_IGN)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
