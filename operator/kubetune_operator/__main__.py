@@ -10,6 +10,7 @@ from kubernetes import client, config
 from kubetune_operator import manifests
 from kubetune_operator.handlers import register
 from kubetune_operator.metrics import Health, MetricsServer, OperatorMetrics
+from kubetune_operator.persistence import HandledState, MemoryDiffBaseStorage, MemoryProgressStorage
 from kubetune_operator.runtime import Clients, Runtime
 from kubetune_operator.settings import OperatorSettings
 
@@ -28,12 +29,11 @@ def kube_client(settings: OperatorSettings) -> client.ApiClient:
     return client.ApiClient(configuration)
 
 
-def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
-    """kopf configured for a CRD whose schema prunes unknown status fields."""
+def kopf_settings(settings: OperatorSettings, handled: HandledState) -> kopf.OperatorSettings:
+    """kopf configured to keep its per-object state in memory (no PATCH of each new FinetuneJob)."""
     kopf_config = kopf.OperatorSettings()
-    # The status schema declares only kubetune's fields, so kopf keeps its state in annotations.
-    kopf_config.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
-    kopf_config.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
+    kopf_config.persistence.progress_storage = MemoryProgressStorage(handled, prefix=ANNOTATION_PREFIX)
+    kopf_config.persistence.diffbase_storage = MemoryDiffBaseStorage(handled, prefix=ANNOTATION_PREFIX)
     kopf_config.posting.reporting_component = "kubetune-operator"
     kopf_config.posting.level = logging.WARNING
     kopf_config.execution.max_workers = settings.max_workers
@@ -52,13 +52,14 @@ def main() -> None:
     metrics = OperatorMetrics()
     health = Health()
     registry = kopf.OperatorRegistry()
-    register(registry, Runtime(settings=settings, clients=Clients.from_api_client(kube_client(settings)), metrics=metrics, health=health))
+    runtime = Runtime(settings=settings, clients=Clients.from_api_client(kube_client(settings)), metrics=metrics, health=health)
+    register(registry, runtime)
     server = MetricsServer(settings.operator_host, settings.operator_port, metrics, health)
     server.start()
     try:
         kopf.run(
             registry=registry,
-            settings=kopf_settings(settings),
+            settings=kopf_settings(settings, runtime.handled),
             standalone=not settings.peering,
             peering_name=settings.peering or None,
             clusterwide=settings.clusterwide,

@@ -51,8 +51,9 @@ def _gpu_found(gpu_nodes: kopf.Index[str, str], resource: str) -> bool:
 def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     """Register every handler and index on `registry`, closed over `runtime`.
 
-    Indexers and bookkeeping are coroutines (no I/O, so they run on the event loop without a
-    thread hop); handlers that call the API are plain functions run in kopf's thread pool.
+    Indexers, bookkeeping and the child event handlers (which only queue a status refresh) are
+    coroutines, so the many pod and Job events cost no thread hop; handlers that call the API are
+    plain functions run in kopf's thread pool (or handed to a thread from a coroutine).
     """
     settings = runtime.settings
     clients = runtime.clients
@@ -200,8 +201,12 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
                 publish(key, dict(body), new)
                 runtime.metrics.reconcile_errors.labels(kind="InvalidSpec").inc()
                 raise kopf.PermanentError(f"invalid spec: {short_errors(error)}") from error
-            if finished(ftj) or own_job(key, ftj.metadata.uid, kwargs) is not None:
-                # Resumed with its Job in place, or done (its Job may be gone after the TTL): only observe.
+            job = own_job(key, ftj.metadata.uid, kwargs)
+            if finished(ftj) or job is not None:
+                # Seen before this process started (kopf's state lives in memory): done, or its Job is in place;
+                # a spec change made meanwhile is found by comparing with the Job itself.
+                if job is not None and manifests.lifecycle_drift(ftj, job["spec"]):
+                    apply_lifecycle(body, ftj, suspended_before=bool(job["spec"].get("suspend")) if ftj.spec.queue_name is None else None)
                 refresh(key, kwargs)
                 return
             create_all(key, ftj, kwargs)
@@ -227,46 +232,63 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
                 ftj = parse(body)
             except ValidationError as error:
                 raise kopf.PermanentError(f"invalid spec: {short_errors(error)}") from error
-            try:
-                clients.batch.patch_namespaced_job(manifests.job_name(name), namespace or "", manifests.lifecycle_patch(ftj), _content_type=MERGE_PATCH)
-                runtime.metrics.api_writes.labels(verb="patch", resource="job").inc()
-            except ApiException as error:
-                if error.status == 404:
-                    return
-                if error.status == 422:
-                    kopf.warn(body, reason="JobUpdateRejected", message=f"the trainer Job rejected the change: {error.reason}")
-                    return
-                raise
-            for _, path, old, new in diff:
-                if tuple(path) in (("suspend",), ("spec", "suspend")) and bool(old) != bool(new):
-                    if ftj.spec.queue_name is not None:
-                        kopf.info(body, reason="SuspendManagedByKueue", message="the trainer Job is queued in Kueue, which decides when it runs")
-                    else:
-                        message = "suspend requested" if new else "resuming from the newest checkpoint"
-                        kopf.info(body, reason="Suspending" if new else "Resuming", message=message)
+            suspended_before = bool(ftj.spec.suspend)
+            for _, path, old, _new in diff:
+                if tuple(path) in (("suspend",), ("spec", "suspend")):
+                    suspended_before = bool(old)
+            apply_lifecycle(body, ftj, suspended_before)
             refresh((namespace or "", name), kwargs)
 
+    def apply_lifecycle(body: kopf.Body, ftj: api.FinetuneJob, suspended_before: bool | None) -> None:
+        """Merge-patch the trainer Job's lifecycle fields; post an Event when suspend changed (None: not known)."""
+        namespace, name = ftj.metadata.namespace, ftj.metadata.name
+        try:
+            clients.batch.patch_namespaced_job(manifests.job_name(name), namespace, manifests.lifecycle_patch(ftj), _content_type=MERGE_PATCH)
+            runtime.metrics.api_writes.labels(verb="patch", resource="job").inc()
+        except ApiException as error:
+            if error.status == 404:
+                return
+            if error.status == 422:
+                kopf.warn(body, reason="JobUpdateRejected", message=f"the trainer Job rejected the change: {error.reason}")
+                return
+            raise
+        if suspended_before is None or suspended_before == ftj.spec.suspend:
+            return
+        if ftj.spec.queue_name is not None:
+            kopf.info(body, reason="SuspendManagedByKueue", message="the trainer Job is queued in Kueue, which decides when it runs")
+        else:
+            message = "suspend requested" if ftj.spec.suspend else "resuming from the newest checkpoint"
+            kopf.info(body, reason="Suspending" if ftj.spec.suspend else "Resuming", message=message)
+
     @kopf.on.event("batch", "v1", "jobs", labels={manifests.LABEL_MANAGED_BY: manifests.MANAGED_BY}, id="job_event", registry=registry)
-    def job_event(type: str, namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+    async def job_event(type: str, namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+        """A trainer Job changed: refresh the status on the status lane, or replace a Job deleted under a running FinetuneJob."""
         owner = owner_name(labels)
         if not owner:
             return
         key = (namespace or "", owner)
+        body = first(kwargs["finetunejobs"].get(key))
+        if type == "DELETED" and body is not None and not body["metadata"].get("deletionTimestamp"):
+            await asyncio.to_thread(replace_job, key, body, kwargs)
+            return
         with runtime.timed("job_event"):
-            body = first(kwargs["finetunejobs"].get(key))
-            if type == "DELETED" and body is not None and not body["metadata"].get("deletionTimestamp"):
-                # Someone deleted the trainer Job of an unfinished FinetuneJob: make a new one, which resumes from the checkpoint.
-                try:
-                    ftj = parse(body, runtime._written.get(key))
-                except ValidationError:
-                    return
-                if not finished(ftj):
-                    create_all(key, ftj, kwargs)
-                    return
             refresh(key, kwargs)
 
+    def replace_job(key: Key, body: Obj, indexes: dict[str, Any]) -> None:
+        """Someone deleted the trainer Job of an unfinished FinetuneJob: make a new one, which resumes from the checkpoint."""
+        with runtime.timed("job_event"):
+            try:
+                ftj = parse(body, runtime._written.get(key))
+            except ValidationError:
+                return
+            if finished(ftj):
+                refresh(key, indexes)
+            else:
+                create_all(key, ftj, indexes)
+
     @kopf.on.event("v1", "pods", labels={manifests.LABEL_MANAGED_BY: manifests.MANAGED_BY}, id="pod_event", registry=registry)
-    def pod_event(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+    async def pod_event(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+        """A trainer pod changed: refresh the status on the status lane (no thread hop: pods change often)."""
         owner = owner_name(labels)
         if owner:
             with runtime.timed("pod_event"):
@@ -277,6 +299,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         if type == "DELETED":
             runtime.metrics.jobs.forget(namespace or "", name)
             runtime.forget((namespace or "", name))
+            runtime.handled.forget(str(body.get("metadata", {}).get("uid") or ""))
         else:
             runtime.metrics.jobs.set(namespace or "", name, str(body.get("status", {}).get("phase") or api.Phase.PENDING))
 

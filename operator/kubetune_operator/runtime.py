@@ -18,6 +18,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubetune_operator.metrics import Health, OperatorMetrics
+from kubetune_operator.persistence import HandledState
 from kubetune_operator.settings import OperatorSettings
 
 Obj = dict[str, Any]
@@ -50,6 +51,8 @@ class Runtime:
     _queued: set[Key] = field(default_factory=set)
     _running: set[Key] = field(default_factory=set)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # kopf's per-object handling state (last handled spec, handler progress), kept in memory.
+    handled: HandledState = field(default_factory=HandledState)
     # kopf's live index views, kept from the first handler call for the progress ticker.
     indexes: dict[str, Any] | None = None
     _status_lane: ThreadPoolExecutor | None = None

@@ -43,11 +43,15 @@ def slim_finetunejob(body: kopf.Body) -> Obj:
     }
 
 
+LIFECYCLE_FIELDS = ("suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished")
+"""The trainer Job's fields a FinetuneJob may change; kept in the index to notice drift after a restart."""
+
+
 def slim_job(body: kopf.Body | Obj) -> Obj:
     meta = body.get("metadata", {})
     return {
         "metadata": {"name": meta.get("name"), "uid": meta.get("uid"), "creationTimestamp": meta.get("creationTimestamp"), "ownerUid": controller_uid(meta)},
-        "spec": {"suspend": (body.get("spec") or {}).get("suspend")},
+        "spec": {field: (body.get("spec") or {}).get(field) for field in LIFECYCLE_FIELDS},
         "status": dict(body.get("status") or {}),
     }
 
