@@ -7,7 +7,7 @@ import logging
 import kopf
 from kubernetes import client, config
 
-from kubetune_operator import manifests
+from kubetune_operator import api, manifests
 from kubetune_operator.handlers import register
 from kubetune_operator.metrics import Health, MetricsServer, OperatorMetrics
 from kubetune_operator.persistence import HandledState, MemoryDiffBaseStorage, MemoryProgressStorage
@@ -33,7 +33,7 @@ def kopf_settings(settings: OperatorSettings, handled: HandledState) -> kopf.Ope
     """kopf configured to keep its per-object state in memory (no PATCH of each new FinetuneJob)."""
     kopf_config = kopf.OperatorSettings()
     kopf_config.persistence.progress_storage = MemoryProgressStorage(handled, prefix=ANNOTATION_PREFIX)
-    kopf_config.persistence.diffbase_storage = MemoryDiffBaseStorage(handled, prefix=ANNOTATION_PREFIX)
+    kopf_config.persistence.diffbase_storage = MemoryDiffBaseStorage(handled, prefix=ANNOTATION_PREFIX, kind=api.KIND)
     kopf_config.posting.reporting_component = "kubetune-operator"
     kopf_config.posting.level = logging.WARNING
     kopf_config.execution.max_workers = settings.max_workers

@@ -13,7 +13,8 @@ kopf's "touch" annotation, the one write these storages make, and only on that p
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 import kopf
 
@@ -40,11 +41,21 @@ class HandledState:
 
 
 class MemoryDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
-    """The last handled essence per object, in memory; built like kopf's annotation storage, never written."""
+    """The last handled essence per object, in memory; built like kopf's annotation storage, never written.
 
-    def __init__(self, state: HandledState, prefix: str) -> None:
+    kopf builds an essence (a deep copy) on every event of every watched kind, but only the kind with
+    create/update handlers ever compares them: other kinds (pods, Jobs, nodes) get an empty one.
+    """
+
+    def __init__(self, state: HandledState, prefix: str, kind: str) -> None:
         super().__init__(prefix=prefix, key="last-handled-configuration")
         self.state = state
+        self.kind = kind
+
+    def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
+        if body.get("kind") != self.kind:
+            return cast(kopf.BodyEssence, {})
+        return super().build(body=body, extra_fields=extra_fields)
 
     def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
         return self.state.essences.get(_uid(body))

@@ -140,6 +140,20 @@ def test_suspend_and_lifecycle_fields_reach_the_job() -> None:
     assert manifests.lifecycle_patch(make())["spec"]["activeDeadlineSeconds"] is None
 
 
+def test_lifecycle_drift_compares_the_job_as_built_and_as_changed() -> None:
+    """After an operator restart, a spec change made while it was down is found by comparing with the Job."""
+    ftj = make(backoffLimit=5)
+    built = manifests.build_job(ftj, SETTINGS)["spec"]
+    assert not manifests.lifecycle_drift(ftj, built)
+    assert not manifests.lifecycle_drift(ftj, {**built, "suspend": None})  # the apiserver's default is false
+    assert manifests.lifecycle_drift(make(backoffLimit=5, suspend=True), built)
+    assert manifests.lifecycle_drift(make(backoffLimit=5, activeDeadlineSeconds=600), built)
+    assert manifests.lifecycle_drift(ftj, {**built, "ttlSecondsAfterFinished": 60})
+    # With Kueue the Job's suspend is Kueue's: a Job it admitted (suspend false) has not drifted.
+    queued = make(queueName="team-a-queue")
+    assert not manifests.lifecycle_drift(queued, {**manifests.build_job(queued, SETTINGS)["spec"], "suspend": False})
+
+
 def test_scheduling_constraints_come_from_the_spec() -> None:
     affinity = {
         "nodeAffinity": {
