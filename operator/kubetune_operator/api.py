@@ -246,6 +246,9 @@ class Result(ApiModel):
     tokens: int | None = Field(default=None, ge=0, description="Tokens trained on.")
     duration_seconds: float | None = Field(default=None, ge=0, description="Wall time of the final attempt.")
     peak_memory_bytes: int | None = Field(default=None, ge=0, description="Peak accelerator (or CPU resident) memory of rank 0.")
+    resumed_from_step: int | None = Field(
+        default=None, ge=0, description="Step of the checkpoint the final attempt resumed from; absent when it trained from the start."
+    )
 
 
 class FinetuneJobStatus(ApiModel):

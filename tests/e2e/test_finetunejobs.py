@@ -149,9 +149,11 @@ def test_killed_trainer_resumes_from_its_checkpoint(stack: Stack) -> None:
     stack.crash_pod(pod)
     status = stack.wait_for_phase("killed", {"Succeeded", "Failed"}, timeout=600)["status"]
     assert status["phase"] == "Succeeded", status
-    assert status["attempts"] >= 2
     assert status["result"]["steps"] == LONG_RUN["training"]["maxSteps"]
-    assert status["result"].get("resumedFromStep", checkpoint_step) >= checkpoint_step
+    assert status["result"]["resumedFromStep"] >= checkpoint_step
+    if stack.crash_fails_pod:
+        # A force-deleted pod (external clusters) may vanish before the Job controller counts it as failed.
+        assert status["attempts"] >= 2
     assert len(trainer_jobs(stack, "killed")) == 1
 
 

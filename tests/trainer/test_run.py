@@ -100,6 +100,7 @@ def test_run_publishes_adapter_with_manifest_and_result(reference: Reference, s3
     assert message["steps"] == STEPS and message["tokens"] > 0 and message["sizeBytes"] > 0
     assert message["lastCheckpoint"] == {"step": STEPS, "uri": f"{prefix}/checkpoints/step-{STEPS}/"}
     assert message["peakMemoryBytes"] > 0 and message["durationSeconds"] > 0
+    assert "resumedFromStep" not in message  # trained from the start
 
     store = store_for(s3_server, reference.bucket)
     assert verify_adapter(store, message["adapterUri"], deep=True)
@@ -208,6 +209,7 @@ def test_killed_run_resumes_from_its_checkpoint_with_the_same_loss_curve(
     start = next(e for e in resumed.events if e.get("msg") == "resumed from checkpoint")
     assert start["step"] >= 10 and start["step"] % 10 == 0
     assert resumed.termination is not None and resumed.termination["steps"] == STEPS
+    assert resumed.termination["resumedFromStep"] == start["step"]
 
     expected = reference.run.progress()
     after = {step: loss for step, loss in resumed.progress().items() if step > start["step"]}

@@ -153,6 +153,7 @@ SUCCESS_MESSAGE = {
     "tokens": 409600,
     "durationSeconds": 321.5,
     "peakMemoryBytes": 9_000_000_000,
+    "resumedFromStep": 60,
     "lastCheckpoint": {"step": 100, "uri": "s3://adapters/runs/team-a/llama/checkpoints/step-100/"},
 }
 
@@ -164,6 +165,7 @@ def test_succeeded_with_termination_message_publishes_the_result() -> None:
     assert status["result"]["adapterUri"] == "s3://adapters/runs/team-a/llama/adapter/"
     assert status["result"]["finalLoss"] == 0.875
     assert status["result"]["peakMemoryBytes"] == 9_000_000_000
+    assert status["result"]["resumedFromStep"] == 60
     assert status["lastCheckpoint"]["step"] == 100
     assert status["progress"]["percent"] == 100 and status["progressText"] == "100%"
     assert status["progress"]["step"] == 100

@@ -58,6 +58,7 @@ class Run:
     metrics: TrainerMetrics | None
     store: S3Store | None = None
     last_checkpoint: result.CheckpointRef | None = None
+    resumed_from_step: int | None = None
     uploads: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload"))
     pending_upload: Future[result.CheckpointRef] | None = None
 
@@ -202,6 +203,7 @@ def _run(run_state: Run, stop: StopFlag, started: float) -> ExitCode:
             duration_seconds=time.monotonic() - started,
             peak_memory_bytes=int(peak),
             last_checkpoint=run_state.last_checkpoint,
+            resumed_from_step=run_state.resumed_from_step,
         )
         result.write(config.runtime.termination_message_path, message)
         logs.event("run succeeded", **message)
@@ -274,6 +276,7 @@ def _resume(run_state: Run, found: result.CheckpointRef | None, train_model: Any
     state = checkpoints.load(directory, model=train_model, optimizer=optimizer, scheduler=scheduler, rank=run_state.ctx.rank)
     stream.load_state_dict(state.data)
     run_state.last_checkpoint = found
+    run_state.resumed_from_step = found.step
     logs.event("resumed from checkpoint", step=found.step, uri=found.uri)
     return state
 

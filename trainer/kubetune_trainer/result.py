@@ -34,6 +34,7 @@ def success_message(
     duration_seconds: float,
     peak_memory_bytes: int,
     last_checkpoint: CheckpointRef | None,
+    resumed_from_step: int | None = None,
 ) -> dict[str, Any]:
     message: dict[str, Any] = {
         "status": "Succeeded",
@@ -46,6 +47,7 @@ def success_message(
         "tokens": tokens,
         "durationSeconds": round(duration_seconds, 3),
         "peakMemoryBytes": peak_memory_bytes,
+        "resumedFromStep": resumed_from_step,
     }
     if last_checkpoint is not None:
         message["lastCheckpoint"] = last_checkpoint.to_json()

@@ -135,6 +135,9 @@ class Stack(ABC):
     def crash_pod(self, pod: dict[str, Any]) -> None:
         """End a running pod's containers without letting them finish their work."""
 
+    crash_fails_pod = True
+    """Whether `crash_pod` leaves a Failed pod that the Job controller counts (False: the pod object is deleted)."""
+
     # setup shared by every kind of cluster
 
     def seed_s3(self) -> None:
