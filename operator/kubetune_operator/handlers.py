@@ -254,11 +254,12 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
             raise
         if suspended_before is None or suspended_before == ftj.spec.suspend:
             return
+        # kopf.event, not kopf.info: kopf's posting level (WARNING) filters info() out.
         if ftj.spec.queue_name is not None:
-            kopf.info(body, reason="SuspendManagedByKueue", message="the trainer Job is queued in Kueue, which decides when it runs")
+            kopf.event(body, type="Normal", reason="SuspendManagedByKueue", message="the trainer Job is queued in Kueue, which decides when it runs")
         else:
             message = "suspend requested" if ftj.spec.suspend else "resuming from the newest checkpoint"
-            kopf.info(body, reason="Suspending" if ftj.spec.suspend else "Resuming", message=message)
+            kopf.event(body, type="Normal", reason="Suspending" if ftj.spec.suspend else "Resuming", message=message)
 
     @kopf.on.event("batch", "v1", "jobs", labels={manifests.LABEL_MANAGED_BY: manifests.MANAGED_BY}, id="job_event", registry=registry)
     async def job_event(type: str, namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:

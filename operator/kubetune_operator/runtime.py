@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
@@ -93,7 +94,8 @@ class Runtime:
             if self._status_lane is None:
                 self._status_lane = ThreadPoolExecutor(max_workers=self.settings.status_workers, thread_name_prefix="status")
             lane = self._status_lane
-        lane.submit(self._run_deferred, key, refresh)
+        # The caller's context goes along: kopf finds its Event queue and settings through context variables.
+        lane.submit(contextvars.copy_context().run, self._run_deferred, key, refresh)
 
     def _run_deferred(self, key: Key, refresh: Callable[[], None]) -> None:
         # Dequeued before reading anything: an event that arrives while this runs queues the next refresh.

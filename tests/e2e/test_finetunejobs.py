@@ -39,6 +39,13 @@ def trainer_pods(stack: Stack, name: str) -> list[dict[str, Any]]:
     return items
 
 
+def event_reasons(stack: Stack, name: str) -> list[str]:
+    """Reasons of the Events about FinetuneJob `name`, oldest first."""
+    selector = f"involvedObject.kind=FinetuneJob,involvedObject.name={name}"
+    items = stack.get_json("events", "-n", stack.settings.jobs_namespace, "--field-selector", selector)["items"]
+    return [str(e["reason"]) for e in sorted(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")]
+
+
 def adapter_is_complete(stack: Stack, uri: str) -> bool:
     assert stack.s3 is not None
     bucket = uri.removeprefix("s3://").split("/", 1)[0]
@@ -78,6 +85,8 @@ def test_cpu_lora_job_succeeds_with_adapter_in_s3(stack: Stack) -> None:
     assert header[:6] == ["NAME", "PHASE", "PROGRESS", "LOSS", "GPUS", "AGE"]
     assert "Succeeded" in table and "100%" in table
     assert len(trainer_jobs(stack, "tiny-lora")) == 1
+    # Every phase change is an Event on the FinetuneJob (kubectl describe shows the history).
+    stack.wait_for(lambda: {"Pending", "Running", "Succeeded"} <= set(event_reasons(stack, "tiny-lora")), 60, "the phase Events")
 
 
 def test_cpu_qlora_job_succeeds(stack: Stack) -> None:
@@ -249,3 +258,33 @@ def test_suspend_and_resume(stack: Stack) -> None:
     status = stack.wait_for_phase("suspended", {"Succeeded", "Failed"}, timeout=600)["status"]
     assert status["phase"] == "Succeeded", status
     assert status["result"]["steps"] == LONG_RUN["training"]["maxSteps"]
+
+
+def test_spec_changed_while_the_operator_was_down_reaches_the_job(stack: Stack) -> None:
+    """The operator keeps no state on the FinetuneJob: after a restart it compares the spec with the Job itself."""
+    namespace, operators = stack.settings.jobs_namespace, stack.settings.operator_namespace
+    body = stack.example("tiny-cpu-lora.yaml", suspend=True)
+    body["metadata"]["name"] = "changed-while-down"
+    stack.apply(body)
+    stack.wait_for(lambda: len(trainer_jobs(stack, "changed-while-down")) == 1, 120, "the suspended trainer Job")
+    deployment = stack.kubectl("get", "deployment", "-n", operators, "-l", "app.kubernetes.io/name=kubetune", "-o", "name").stdout.split()[0]
+    stack.kubectl("scale", deployment, "-n", operators, "--replicas=0")
+    try:
+        stack.wait_for(lambda: not stack.get_json("pods", "-n", operators, "-l", "app.kubernetes.io/name=kubetune")["items"], 120, "the operator to stop")
+        patch = json.dumps({"spec": {"suspend": False, "backoffLimit": 5, "activeDeadlineSeconds": 3600}})
+        stack.kubectl("patch", "ftj", "changed-while-down", "-n", namespace, "--type=merge", "-p", patch)
+        time.sleep(2)
+        assert trainer_jobs(stack, "changed-while-down")[0]["spec"]["suspend"] is True  # nobody applied it yet
+    finally:
+        stack.kubectl("scale", deployment, "-n", operators, "--replicas=1")
+        stack.kubectl("rollout", "status", deployment, "-n", operators, "--timeout=120s")
+
+    def applied() -> bool:
+        spec = trainer_jobs(stack, "changed-while-down")[0]["spec"]
+        return spec["suspend"] is False and spec["backoffLimit"] == 5 and spec.get("activeDeadlineSeconds") == 3600
+
+    stack.wait_for(applied, 120, "the spec change to reach the trainer Job")
+    stack.wait_for(lambda: "Resuming" in event_reasons(stack, "changed-while-down"), 60, "a Resuming Event")
+    status = stack.wait_for_phase("changed-while-down", {"Succeeded", "Failed"}, timeout=600)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert len(trainer_jobs(stack, "changed-while-down")) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import threading
 from collections.abc import Iterator
@@ -71,3 +72,18 @@ def test_a_failing_refresh_is_counted_and_the_next_one_runs(runtime: Runtime) ->
     assert runs == ["again"]
     errors = runtime.metrics.registry.get_sample_value("kubetune_operator_reconcile_errors_total", {"kind": "RuntimeError"})
     assert errors == 1
+
+
+CALLER = contextvars.ContextVar[str]("caller")
+
+
+def test_a_refresh_runs_in_its_callers_context(runtime: Runtime) -> None:
+    """kopf reaches its Event queue through context variables; a refresh on the lane must still post Events."""
+    seen: list[str] = []
+    token = CALLER.set("kopf handler")
+    try:
+        runtime.defer(KEY, lambda: seen.append(CALLER.get("no context")))
+    finally:
+        CALLER.reset(token)
+    settle(runtime)
+    assert seen == ["kopf handler"]
