@@ -10,12 +10,12 @@ SETUP_KEY := $(shell cat pyproject.toml hack/setup-system.sh 2>/dev/null | sha25
 SETUP_STAMP := $(VENV)/.setup-$(SETUP_KEY)
 PYTEST := $(BIN)/pytest
 
-.PHONY: help setup system-deps tools lint test test-unit test-trainer test-e2e crds demo bench cluster-up cluster-down kind-e2e images clean
+.PHONY: help setup tools lint test test-unit test-integration test-trainer test-e2e crds demo bench cluster-up cluster-down kind-e2e images clean
 
 help: ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-setup: $(SETUP_STAMP) ## Create .venv and install kubetune with every extra (fast when nothing changed).
+setup: $(SETUP_STAMP) ## Create .venv, install kubetune with every extra, and Debian's prometheus/promtool (root or sudo once).
 
 $(SETUP_STAMP): pyproject.toml hack/setup-system.sh
 	bash hack/setup-system.sh
@@ -25,29 +25,32 @@ $(SETUP_STAMP): pyproject.toml hack/setup-system.sh
 	rm -f $(VENV)/.setup-*
 	touch $@
 
-tools: ## Build (or reuse) the local cluster's binaries from Go modules.
+tools: ## Build (or reuse) etcd, kube-*, kubectl, kwok and helm from Go modules (first time: ~20 min on 2 cores).
 	bash hack/build-tools.sh
 
 lint: setup ## ruff, mypy strict, shellcheck and the CRD drift check.
 	$(BIN)/ruff check .
 	$(BIN)/shellcheck hack/*.sh hack/kind/*.sh .ci/run
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy operator trainer hack/localcluster tests bench
+	$(BIN)/mypy api operator trainer hack/localcluster tests bench
 	$(BIN)/python -m kubetune_operator.crdgen --check
 
-test-unit: setup ## Fast tests: no cluster, no training.
+test-unit: setup ## Fast tests: no cluster, no training, no Go-built binaries.
 	$(PYTEST) -m unit -q
 
-test-trainer: setup ## Trains the tiny model on CPU: LoRA, QLoRA, resume, S3 publication.
+test-integration: setup tools ## helm and a real etcd + kube-apiserver (needs make tools, built on first use).
+	$(PYTEST) -m integration -q
+
+test-trainer: setup ## Trains the tiny model on CPU: LoRA, QLoRA, resume, S3 publication (no Go-built binaries).
 	$(PYTEST) -m trainer -q
 
-test-e2e: setup tools ## The local cluster, the chart, the operator and real training jobs.
+test-e2e: setup tools ## The local cluster, the chart, the operator and real training jobs (needs make tools).
 	$(PYTEST) -m e2e -q
 
 kind-e2e: setup ## The e2e suite on a kind cluster (needs Docker, kind, kubectl, helm).
 	bash hack/kind/e2e.sh
 
-test: lint test-unit test-trainer test-e2e ## Every tier.
+test: lint test-unit test-integration test-trainer test-e2e ## Every tier; builds the tools before the first tier that needs them.
 
 crds: setup ## Regenerate crds/ and the chart's CRD from the API models.
 	$(BIN)/python -m kubetune_operator.crdgen

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from localcluster.stack import Stack
-from tests.unit.test_chart import MATRIX, render
+from tests.support.chart import MATRIX, render
 
 pytestmark = pytest.mark.e2e
 

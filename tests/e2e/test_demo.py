@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,8 +35,22 @@ def test_demo_runs_end_to_end() -> None:
     assert result.returncode == 0, output[-4000:]
     assert "100%" in output and "Succeeded" in output
     assert "adapter: s3://kubetune-demo/runs/ml/tiny-lora/adapter/" in output
-    assert "with the adapter:" in output
     assert "stopping everything the demo started" in output
+    # The command it shows is the one it ran: the file exists and says what was changed from the example.
+    applied = re.search(r"kubectl apply -f (\S+) -n ml   # examples/tiny-cpu-lora.yaml with spec.output.endpointUrl=(\S+)", output)
+    assert applied, output[-4000:]
+    assert applied.group(2) in (REPO / applied.group(1)).read_text()
+    # What it claims: the adapter changes the generation, towards the line the job learned by heart.
+    base = re.search(r"base model: +'(.*)'", output)
+    tuned = re.search(r"with the adapter: +'(.*)'", output)
+    assert base and tuned, output[-4000:]
+    assert tuned.group(1) != base.group(1)
+    assert tuned.group(1).startswith(" seven ships"), tuned.group(1)
+    # Only what the demo says: no library progress bars or deprecation warnings.
+    assert "Loading weights" not in output and "FutureWarning" not in output, output[-4000:]
+    phases = re.findall(r"%  step \d+/\S+  loss \S+  (\w+)", output)
+    assert phases and phases[-1] == "Succeeded"
+    assert "Pending" not in phases[phases.index("Running") :], phases
 
 
 def test_sigterm_stops_everything_the_demo_started(tmp_path: Path) -> None:
@@ -55,3 +71,24 @@ def test_sigterm_stops_everything_the_demo_started(tmp_path: Path) -> None:
     assert demo.returncode == 130, output[-3000:]
     assert "stopping everything the demo started" in output
     assert processes_mentioning(str(workdir)) == []
+
+
+def test_sigkill_of_the_demo_leaves_no_process_behind(tmp_path: Path) -> None:
+    """The demo killed outright (no handler runs): its watchdog still ends every process it started."""
+    workdir = tmp_path / "demo"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "hack" / "localcluster"), str(REPO)])}
+    argv = [sys.executable, "-m", "localcluster.demo", "--non-interactive", "--workdir", str(workdir), "--s3-port", "0"]
+    demo = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert demo.stdout is not None
+    lines = []
+    for line in demo.stdout:
+        lines.append(line)
+        if "installing kubetune with helm" in line:
+            break
+    assert processes_mentioning(str(workdir), environment=True), "the demo's cluster should be running by now:\n" + "".join(lines)
+    demo.kill()
+    demo.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while processes_mentioning(str(workdir), environment=True) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_mentioning(str(workdir), environment=True) == []

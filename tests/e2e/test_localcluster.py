@@ -265,7 +265,7 @@ def test_sigterm_to_the_test_session_stops_its_cluster(tmp_path: Path) -> None:
     """A CI timeout's SIGTERM mid-session still runs the fixtures' teardown: no cluster process survives."""
     basetemp = tmp_path / "inner"
     argv = [sys.executable, "-m", "pytest", "-m", "e2e", "-q", "-p", "no:cacheprovider", f"--basetemp={basetemp}"]
-    argv += ["tests/e2e/test_localcluster.py", "-k", "not sigterm and not cli_up and not stop_leaves"]
+    argv += ["tests/e2e/test_localcluster.py", "-k", "not sigterm and not sigkill and not cli_up and not stop_leaves"]
     session = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert session.stdout is not None
     # The first test's progress mark: the session-scoped cluster is up and tests are running.
@@ -277,3 +277,18 @@ def test_sigterm_to_the_test_session_stops_its_cluster(tmp_path: Path) -> None:
     assert session.returncode == pytest.ExitCode.INTERRUPTED, output[-3000:]
     assert "KeyboardInterrupt" in output
     assert processes_mentioning(str(basetemp)) == [], output[-3000:]
+
+
+def test_sigkill_of_the_test_session_leaves_no_cluster_process(tmp_path: Path) -> None:
+    """A session killed outright runs no teardown; the cluster's watchdog ends its components instead."""
+    basetemp = tmp_path / "inner"
+    argv = [sys.executable, "-m", "pytest", "-m", "e2e", "-q", "-p", "no:cacheprovider", f"--basetemp={basetemp}"]
+    argv += ["tests/e2e/test_localcluster.py", "-k", "not sigterm and not sigkill and not cli_up and not stop_leaves"]
+    session = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert session.stdout is not None
+    first = session.stdout.read(1)
+    assert first in ".FEs", first + session.stdout.read()
+    assert processes_mentioning(str(basetemp)), "the inner session's cluster is not running"
+    session.kill()
+    session.wait(timeout=30)
+    wait_until("no process of the killed session's cluster", lambda: processes_mentioning(str(basetemp), environment=True) == [], timeout=20)

@@ -35,7 +35,7 @@ def _up(workdir: Path, bin_dir: Path | None, build: bool) -> int:
             return 0
         print("found a partly stopped cluster; stopping what is left", file=sys.stderr)
         existing.stop()
-    cluster = LocalCluster(workdir, bin_dir or locate_bin_dir(build=build))
+    cluster = LocalCluster(workdir, bin_dir or locate_bin_dir(build=build), watchdog=False)
     cluster.start()
     # The components run in their own sessions and outlive this process; `down` finds
     # them through the state file.

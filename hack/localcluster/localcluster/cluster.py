@@ -31,6 +31,7 @@ from .probes import (
 from .process import ProcessRecord, group_members, is_alive, spawn, terminate
 from .state import ClusterState, read_state, write_state
 from .tools import MissingBinariesError, check_binaries
+from .watchdog import Watchdog
 
 # Subdirectories of the workdir that a start recreates. Only these are removed, so a
 # workdir shared with other tools (the node agent's pod directories) keeps its content.
@@ -54,6 +55,9 @@ class LocalCluster:
 
     Use as a context manager, or call start()/stop(). `attach(workdir)` returns a handle
     on a cluster started by another process (`python -m localcluster up`).
+
+    With ``watchdog`` (the default) a watchdog process kills every component if this process dies
+    without calling stop() (SIGKILL, OOM); `up` turns it off, since its cluster outlives the CLI.
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class LocalCluster:
         bin_dir: Path | None = None,
         *,
         config: ClusterConfig | None = None,
+        watchdog: bool = True,
     ) -> None:
         if config is None:
             if workdir is None or bin_dir is None:
@@ -71,6 +76,7 @@ class LocalCluster:
         self._records: list[ProcessRecord] = []
         self._popens: dict[int, subprocess.Popen[bytes]] = {}
         self._api_url: str | None = None
+        self._watchdog = Watchdog(config.workdir) if watchdog else None
 
     # ----- public properties -------------------------------------------------------
 
@@ -114,7 +120,7 @@ class LocalCluster:
         state = read_state(workdir / "state.json")
         if state is None:
             raise FileNotFoundError(f"no cluster state in {workdir}; run `python -m localcluster up`")
-        cluster = cls(config=ClusterConfig(workdir=workdir, bin_dir=state.bin_dir))
+        cluster = cls(config=ClusterConfig(workdir=workdir, bin_dir=state.bin_dir), watchdog=False)
         cluster._records = list(state.processes)
         cluster._api_url = state.api_url
         return cluster
@@ -154,6 +160,8 @@ class LocalCluster:
         self._popens.clear()
         self._api_url = None
         self.config.state_file.unlink(missing_ok=True)
+        if self._watchdog is not None:
+            self._watchdog.stop()
         if survivors:
             raise ClusterStopError("processes still running after SIGKILL: " + ", ".join(survivors))
 
@@ -267,6 +275,8 @@ class LocalCluster:
         config = self.config
         timeout = config.start_timeout_seconds
         self._prepare_workdir()
+        if self._watchdog is not None:
+            self._watchdog.start()
         pki = create_pki(config.pki_dir, config.service_cluster_ip_range)
         ports = components.Ports(*free_ports(6))
         self._api_url = f"https://127.0.0.1:{ports.apiserver}"

@@ -9,12 +9,15 @@ Enter before stopping everything; ``--non-interactive`` (or no terminal) stops a
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import signal
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from localcluster.process import interrupt
 from localcluster.stack import DEMO_BUCKET, REPO, KubetuneStack, StackSettings
@@ -39,8 +42,20 @@ def bar(status: dict[str, Any]) -> str:
     return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {percent:3d}%  {step}  {loss_text}  {status.get('phase', 'Pending')}"
 
 
+def quiet_model_loading() -> None:
+    """No progress bars or library deprecation notes in the demo's output: it shows only what it claims."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    # peft calls a transformers name deprecated in v5 when it wraps a model; nothing the demo can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def generations(stack: KubetuneStack, adapter_uri: str) -> tuple[str, str]:
     """Greedy completions of PROMPT by the base model and by the base model with the adapter."""
+    quiet_model_loading()
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -68,6 +83,30 @@ def generations(stack: KubetuneStack, adapter_uri: str) -> tuple[str, str]:
     return without, complete(tuned)
 
 
+def as_typed(path: Path) -> str:
+    """A path as the user would type it from the repository root."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def manifest_to_apply(stack: KubetuneStack, body: dict[str, Any]) -> tuple[Path, str]:
+    """The file the demo applies, and what was changed from the example to get it ("" when nothing was).
+
+    The example points at the S3 endpoint on port 9000; with another port (--s3-port) the body points at the
+    stack's endpoint instead, and is written next to the demo's files so the command shown is the one that runs.
+    """
+    example = REPO / "examples" / EXAMPLE
+    original = yaml.safe_load(example.read_text())
+    endpoint = body["spec"]["output"]["endpointUrl"]
+    if endpoint == original["spec"]["output"].get("endpointUrl"):
+        return example, ""
+    rewritten = stack.workdir / EXAMPLE
+    rewritten.write_text(yaml.safe_dump(body, sort_keys=False))
+    return rewritten, f"spec.output.endpointUrl={endpoint}"
+
+
 def run(args: argparse.Namespace) -> int:
     stack = KubetuneStack(StackSettings(workdir=args.workdir, s3_port=args.s3_port))
     # A terminal closing or a supervisor's SIGTERM stops the demo like Ctrl-C: everything it started is stopped.
@@ -76,9 +115,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         stack.start(progress=lambda step: say(f"==> {step}"))
         namespace = stack.settings.jobs_namespace
-        say(f"==> kubectl apply -f examples/{EXAMPLE} -n {namespace}")
         body = stack.example(EXAMPLE)
-        stack.kubectl("apply", "-f", "-", stdin=json.dumps(body))
+        manifest, rewritten = manifest_to_apply(stack, body)
+        note = f"   # examples/{EXAMPLE} with {rewritten}" if rewritten else ""
+        say(f"==> KUBECONFIG={as_typed(stack.kubeconfig)} kubectl apply -f {as_typed(manifest)} -n {namespace}{note}")
+        stack.kubectl("apply", "-f", str(manifest), "-n", namespace)
         name = body["metadata"]["name"]
         final: dict[str, Any] = {}
         shown = ""

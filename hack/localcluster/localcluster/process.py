@@ -65,19 +65,23 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def processes_mentioning(text: str) -> list[int]:
-    """Live processes whose command line contains `text` (e.g. a cluster's workdir)."""
+def processes_mentioning(text: str, *, environment: bool = False) -> list[int]:
+    """Live processes whose command line (or, with ``environment``, environment) contains `text` (e.g. a
+    cluster's workdir). Pods of the node agent carry its workdir in their environment, not their command line."""
     own = os.getpid()
+    needle = text.encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == own:
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            mentions = needle in (entry / "cmdline").read_bytes()
+            if not mentions and environment:
+                mentions = needle in (entry / "environ").read_bytes()
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
         fields = _read_stat(int(entry.name))
-        if fields is not None and fields[2] != "Z" and text in cmdline:
+        if fields is not None and fields[2] != "Z" and mentions:
             found.append(int(entry.name))
     return found
 

@@ -36,6 +36,7 @@ from localcluster.cluster import LocalCluster
 from localcluster.prometheus import Prometheus, PrometheusQueries
 from localcluster.s3 import DUMMY_ACCESS_KEY_ID, DUMMY_SECRET_ACCESS_KEY, MotoS3Server
 from localcluster.tools import locate_bin_dir
+from localcluster.watchdog import Watchdog
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -267,6 +268,8 @@ class KubetuneStack(Stack):
         self.s3: MotoS3Server | None = None
         self.prometheus: Prometheus | None = None
         self._agent: subprocess.Popen[bytes] | None = None
+        # Everything below the workdir dies with this process, even when it is killed without stop().
+        self._watchdog = Watchdog(self.workdir)
 
     # lifecycle
 
@@ -274,8 +277,9 @@ class KubetuneStack(Stack):
         try:
             progress("building or reusing the Kubernetes binaries")
             bin_dir = locate_bin_dir(build=True)
+            self._watchdog.start()
             progress("starting etcd, kube-apiserver, controller-manager, scheduler and kwok")
-            self.cluster = LocalCluster(self.workdir / "cluster", bin_dir)
+            self.cluster = LocalCluster(self.workdir / "cluster", bin_dir, watchdog=False)
             self.cluster.start()
             progress("starting the node agent (cpu-node-0)")
             self.start_agent()
@@ -304,6 +308,7 @@ class KubetuneStack(Stack):
         if self.s3 is not None:
             self.s3.close()
             self.s3 = None
+        self._watchdog.stop()
 
     def __enter__(self) -> KubetuneStack:
         self.start()
