@@ -173,7 +173,7 @@ def run_trl_packed(settings: Settings) -> tuple[StepClock, str]:
 def run_bare(settings: Settings) -> tuple[StepClock, str]:
     from transformers import AutoTokenizer, get_scheduler
 
-    from kubetune_trainer.config import TrainerConfig
+    from kubetune_api.runtime import TrainerConfig
     from kubetune_trainer.data import prepare_data
 
     with tempfile.TemporaryDirectory(prefix="bench-bare-") as work:

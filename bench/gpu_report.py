@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from kubetune_api.recipe import ComputeDtype, LoraSpec, Optimizer, Precision, QuantizationSpec, QuantType, TrainingSpec
 from kubetune_trainer.checkpoints import TrainingState
-from kubetune_trainer.config import ComputeDtype, LoraSpec, Optimizer, Precision, QuantizationSpec, QuantType, TrainingSpec
 from kubetune_trainer.distributed import Context
 from kubetune_trainer.loss import LossModel
 from kubetune_trainer.metrics import TrainerMetrics

@@ -1,6 +1,6 @@
 """The FinetuneJob API (kubetune.io/v1alpha1): spec and status as pydantic models.
 
-The training part of the spec is the trainer's own contract (``kubetune_trainer.config``), so
+The training part of the spec is the contract shared with the trainer (``kubetune_api.recipe``), so
 the CRD, the operator and the trainer cannot drift apart. ``crds/finetunejob.yaml`` is generated
 from these models by ``kubetune_operator.crdgen``.
 """
@@ -11,19 +11,13 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, computed_field, model_validator
 from pydantic.config import JsonDict
 
-from kubetune_trainer.config import (
-    K8S_NAME_PATTERN,
-    RECIPE_RULES,
-    ApiModel,
-    Optimizer,
-    Precision,
-    TrainingRecipe,
-    cel,
-    validations,
-)
+from kubetune_api.messages import message
+from kubetune_api.recipe import RECIPE_RULES, Optimizer, Precision, TrainingRecipe
+from kubetune_api.result import CheckpointRef, TrainingResult
+from kubetune_api.schema import K8S_NAME_PATTERN, ApiModel, cel, validations
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -36,13 +30,6 @@ API_VERSION = f"{GROUP}/{VERSION}"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
 Quantity = Annotated[str, Field(max_length=32, pattern=QUANTITY_PATTERN)]
 ShortString = Annotated[str, Field(max_length=253)]
-
-
-SPEC_MESSAGES = {
-    "multinode": "spec.resources.nodes > 1 needs spec.resources.gpus > 0: multi-node training runs on GPUs",
-    "fp16": "spec.training.precision fp16 needs GPUs: use auto or fp32 when spec.resources.gpus is 0",
-    "paged": "spec.training.optimizer: paged optimizers need GPUs; use adamw when spec.resources.gpus is 0",
-}
 
 
 class Toleration(ApiModel):
@@ -101,7 +88,7 @@ class ResourcesSpec(ApiModel):
     """Where and on how much hardware the trainer runs."""
 
     model_config = ConfigDict(
-        json_schema_extra=validations(cel("!has(self.nodes) || self.nodes == 1 || !has(self.gpus) || self.gpus > 0", SPEC_MESSAGES["multinode"]))
+        json_schema_extra=validations(cel("!has(self.nodes) || self.nodes == 1 || !has(self.gpus) || self.gpus > 0", message("resources.multinode")))
     )
 
     gpus: int = Field(default=1, ge=0, le=64, description="GPUs per node (pod). 0 runs a CPU-only trainer (tests and demos).")
@@ -143,12 +130,11 @@ HAS_GPUS = "(!has(self.resources) || !has(self.resources.gpus) || self.resources
 
 SPEC_RULES: list[JsonDict] = [
     *RECIPE_RULES,
-    cel(f"{HAS_GPUS} || !has(self.training.precision) || self.training.precision != 'fp16'", SPEC_MESSAGES["fp16"]),
-    cel(f"{HAS_GPUS} || !has(self.training.optimizer) || !(self.training.optimizer in ['paged_adamw_8bit', 'paged_adamw'])", SPEC_MESSAGES["paged"]),
+    cel(f"{HAS_GPUS} || !has(self.training.precision) || self.training.precision != 'fp16'", message("training.fp16_cpu")),
+    cel(f"{HAS_GPUS} || !has(self.training.optimizer) || !(self.training.optimizer in ['paged_adamw_8bit', 'paged_adamw'])", message("training.paged_cpu")),
     cel(
         " && ".join(_unchanged(f) for f in IMMUTABLE_FIELDS),
-        "spec is immutable except suspend, backoffLimit, activeDeadlineSeconds and ttlSecondsAfterFinished: "
-        "delete and recreate the FinetuneJob to change what it trains",
+        message("spec.immutable", mutable="suspend, backoffLimit, activeDeadlineSeconds and ttlSecondsAfterFinished"),
         reason="FieldValueForbidden",
     ),
 ]
@@ -185,11 +171,11 @@ def spec_errors(spec: FinetuneJobSpec) -> list[str]:
     """Python twins of the hardware rules in SPEC_RULES, for specs that did not pass the apiserver."""
     errors: list[str] = []
     if spec.resources.nodes > 1 and spec.resources.gpus == 0:
-        errors.append(SPEC_MESSAGES["multinode"])
+        errors.append(message("resources.multinode"))
     if spec.resources.gpus == 0 and spec.training.precision is Precision.FP16:
-        errors.append(SPEC_MESSAGES["fp16"])
+        errors.append(message("training.fp16_cpu"))
     if spec.resources.gpus == 0 and spec.training.optimizer in (Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT):
-        errors.append(SPEC_MESSAGES["paged"])
+        errors.append(message("training.paged_cpu"))
     return errors
 
 
@@ -227,28 +213,8 @@ class Progress(ApiModel):
     last_update_time: datetime | None = Field(default=None, description="When these figures were read.")
 
 
-class CheckpointRef(ApiModel):
-    """The newest complete checkpoint."""
-
-    step: int = Field(ge=0, description="Step the checkpoint was taken at.")
-    uri: str = Field(max_length=2048, description="s3:// URI of the checkpoint folder.")
-    time: datetime | None = Field(default=None, description="When it was uploaded.")
-
-
-class Result(ApiModel):
-    """The published adapter."""
-
-    adapter_uri: str = Field(max_length=2048, description="s3:// URI of the adapter folder (manifest.json inside lists every file).")
-    manifest_sha256: str | None = Field(default=None, max_length=64, description="sha256 of manifest.json.")
-    size_bytes: int | None = Field(default=None, ge=0, description="Total size of the adapter files.")
-    final_loss: float | None = Field(default=None, description="Training loss at the last step.")
-    steps: int | None = Field(default=None, ge=0, description="Optimizer steps run.")
-    tokens: int | None = Field(default=None, ge=0, description="Tokens trained on.")
-    duration_seconds: float | None = Field(default=None, ge=0, description="Wall time of the final attempt.")
-    peak_memory_bytes: int | None = Field(default=None, ge=0, description="Peak accelerator (or CPU resident) memory of rank 0.")
-    resumed_from_step: int | None = Field(
-        default=None, ge=0, description="Step of the checkpoint the final attempt resumed from; absent when it trained from the start."
-    )
+class Result(TrainingResult):
+    """The published adapter, as the trainer reported it in its termination message."""
 
 
 class FinetuneJobStatus(ApiModel):
@@ -265,6 +231,26 @@ class FinetuneJobStatus(ApiModel):
     attempts: int = Field(default=0, ge=0, description="Trainer pod attempts so far (1 + retries).")
     observed_generation: int | None = Field(default=None, ge=0, description="metadata.generation this status reflects.")
     message: str | None = Field(default=None, max_length=32768, description="What is happening now, or why it failed and what to do.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_derived(cls, data: Any) -> Any:
+        """A stored status carries the computed text fields too; they are derived again, never read back."""
+        if isinstance(data, dict):
+            derived = {field.alias for field in cls.model_computed_fields.values()} | set(cls.model_computed_fields)
+            return {k: v for k, v in data.items() if k not in derived}
+        return data
+
+    @computed_field(alias="progressText", description="Completion as text for kubectl's PROGRESS column, for example '42%'.")  # type: ignore[prop-decorator]
+    @property
+    def progress_text(self) -> str | None:
+        return f"{self.progress.percent}%" if self.progress is not None else None
+
+    @computed_field(alias="lossText", description="Latest training loss rounded for kubectl's LOSS column, for example '0.574'.")  # type: ignore[prop-decorator]
+    @property
+    def loss_text(self) -> str | None:
+        loss = self.progress.loss if self.progress is not None else None
+        return None if loss is None else f"{loss:.3f}"
 
 
 class ObjectMeta(ApiModel):

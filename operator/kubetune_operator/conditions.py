@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kubetune_trainer.exitcodes import NON_RETRIABLE, REASONS, ExitCode
+from kubetune_api.exitcodes import NON_RETRIABLE, REASONS, ExitCode
 
 CREATED = "Created"
 REASON_JOB_CREATED = "JobCreated"
@@ -22,6 +22,7 @@ REASON_NOT_RUNNING = "NotRunning"
 REASON_CREATE_CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
 REASON_IMAGE_PULL = "ImagePullBackOff"
 REASON_RETRYING = "Retrying"
+REASON_FINISHING = "Finishing"
 
 SUCCEEDED = "Succeeded"
 REASON_SUCCEEDED = REASONS[ExitCode.SUCCESS]

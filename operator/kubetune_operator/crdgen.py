@@ -29,7 +29,7 @@ CRD_PATHS = (Path("crds/finetunejob.yaml"), Path("charts/kubetune/files/crds/fin
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progressText", "description": "Completion in percent."},
-    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Latest training loss."},
+    {"name": "Loss", "type": "string", "jsonPath": ".status.lossText", "description": "Latest training loss."},
     {"name": "GPUs", "type": "integer", "jsonPath": ".spec.resources.gpus", "description": "GPUs per node."},
     {"name": "Nodes", "type": "integer", "jsonPath": ".spec.resources.nodes", "priority": 1, "description": "Nodes."},
     {"name": "Method", "type": "string", "jsonPath": ".spec.method", "priority": 1, "description": "lora or qlora."},
@@ -126,13 +126,10 @@ def model_schema(model: type[BaseModel]) -> Schema:
 
 
 def status_schema() -> Schema:
-    """The status schema: the status model plus the printer-friendly progress text."""
+    """The status schema: the status model's fields plus its computed (printer column) fields, derived from the model."""
     schema = model_schema(api.FinetuneJobStatus)
-    schema["properties"]["progressText"] = {
-        "type": "string",
-        "maxLength": 8,
-        "description": "Completion as text for kubectl, for example '42%'.",
-    }
+    for name, computed in api.FinetuneJobStatus.model_computed_fields.items():
+        schema["properties"][computed.alias or name] = {"type": "string", "maxLength": 32, "description": computed.description or ""}
     return schema
 
 

@@ -10,10 +10,11 @@ from typing import Any
 
 import yaml
 
+from kubetune_api.exitcodes import NON_RETRIABLE
+from kubetune_api.recipe import TrainingRecipe
+from kubetune_api.runtime import RuntimeConfig, TrainerConfig
 from kubetune_operator.api import API_VERSION, KIND, FinetuneJob
 from kubetune_operator.settings import OperatorSettings
-from kubetune_trainer.config import RuntimeConfig, TrainerConfig, TrainingRecipe
-from kubetune_trainer.exitcodes import NON_RETRIABLE
 
 YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 """libyaml's emitter when PyYAML has it: the Python one costs a burst of creations a tenth of the operator's CPU."""

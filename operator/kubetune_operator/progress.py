@@ -11,9 +11,8 @@ from datetime import datetime
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from kubetune_api.metrics import PREFIX, TrainerMetric
 from kubetune_operator.api import Progress
-
-PREFIX = "kubetune_trainer_"
 
 
 class ScrapeError(Exception):
@@ -29,7 +28,7 @@ class TrainerSample:
 
 
 def _values(text: str) -> dict[str, list[float]]:
-    """Sample values by metric name (without the prefix); several when labels differ (gpus, ranks)."""
+    """Sample values by metric name; several when labels differ (gpus, ranks)."""
     values: dict[str, list[float]] = {}
     try:
         families = list(text_string_to_metric_families(text))
@@ -38,7 +37,7 @@ def _values(text: str) -> dict[str, list[float]]:
     for family in families:
         for sample in family.samples:
             if sample.name.startswith(PREFIX) and math.isfinite(sample.value):
-                values.setdefault(sample.name.removeprefix(PREFIX), []).append(sample.value)
+                values.setdefault(sample.name, []).append(sample.value)
     return values
 
 
@@ -48,31 +47,31 @@ def parse_metrics(texts: Iterable[str], now: datetime) -> TrainerSample | None:
     Returns None when the trainer has not published its step counter yet (still loading).
     """
     per_pod = [_values(text) for text in texts]
-    if not per_pod or "step" not in per_pod[0]:
+    if not per_pod or TrainerMetric.STEP not in per_pod[0]:
         return None
     first = per_pod[0]
 
-    def one(name: str) -> float | None:
+    def one(name: TrainerMetric) -> float | None:
         found = first.get(name)
         return found[0] if found else None
 
-    step = int(one("step") or 0)
-    total = one("total_steps")
-    ratio = one("progress_ratio")
+    step = int(one(TrainerMetric.STEP) or 0)
+    total = one(TrainerMetric.TOTAL_STEPS)
+    ratio = one(TrainerMetric.PROGRESS)
     if ratio is None and total:
         ratio = step / total
     percent = min(100, max(0, math.floor((ratio or 0.0) * 100)))
-    throughput = [sum(pod["tokens_per_second"]) for pod in per_pod if "tokens_per_second" in pod]
-    eta = one("eta_seconds")
-    checkpoint = one("last_checkpoint_step")
+    throughput = [sum(pod[TrainerMetric.TOKENS_PER_SECOND]) for pod in per_pod if TrainerMetric.TOKENS_PER_SECOND in pod]
+    eta = one(TrainerMetric.ETA)
+    checkpoint = one(TrainerMetric.LAST_CHECKPOINT_STEP)
     progress = Progress(
         step=max(step, 0),
         total_steps=int(total) if total is not None and total >= 0 else None,
-        epoch=one("epoch"),
+        epoch=one(TrainerMetric.EPOCH),
         percent=percent,
-        loss=one("loss"),
-        eval_loss=one("eval_loss"),
-        learning_rate=one("learning_rate"),
+        loss=one(TrainerMetric.LOSS),
+        eval_loss=one(TrainerMetric.EVAL_LOSS),
+        learning_rate=one(TrainerMetric.LEARNING_RATE),
         tokens_per_second=sum(throughput) if throughput else None,
         eta_seconds=int(eta) if eta is not None and eta >= 0 else None,
         last_update_time=now.replace(microsecond=0),

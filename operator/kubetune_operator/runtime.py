@@ -103,7 +103,7 @@ class Runtime:
         try:
             with self.timed("status_refresh"):
                 refresh()
-        except Exception:  # noqa: BLE001 - a lane thread has no caller to raise to; the next event refreshes again
+        except Exception:  # a lane thread has no caller to raise to; the next event refreshes again
             logging.getLogger(__name__).exception("status refresh of %s/%s failed", *key)
 
     def close(self) -> None:

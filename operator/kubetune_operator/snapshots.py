@@ -85,13 +85,12 @@ def raw_json(response: Any) -> Obj:
 
 def parse(body: Obj | kopf.Body, written: Obj | None = None) -> api.FinetuneJob:
     """The FinetuneJob model of a body; the status we last wrote wins over the watched copy, which may lag."""
-    raw = written if written is not None else (body.get("status") or {})
-    status = {k: v for k, v in raw.items() if k != "progressText"}
+    status = written if written is not None else (body.get("status") or {})
     return api.FinetuneJob.from_body({**body, "status": status or None})
 
 
 def previous_status(body: kopf.Body) -> api.FinetuneJobStatus | None:
-    raw = {k: v for k, v in (body.get("status") or {}).items() if k != "progressText"}
+    raw = body.get("status") or {}
     try:
         return api.FinetuneJobStatus.model_validate(raw) if raw else None
     except ValidationError:

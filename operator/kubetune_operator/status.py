@@ -7,16 +7,16 @@ what was observed before because it can no longer be observed: the last progress
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pydantic import ValidationError
-
+from kubetune_api import layout
+from kubetune_api.exitcodes import REASONS, ExitCode
+from kubetune_api.result import CheckpointRef, TerminationMessage
 from kubetune_operator import manifests
-from kubetune_operator.api import CheckpointRef, Condition, FinetuneJob, FinetuneJobStatus, Phase, Progress, Result
+from kubetune_operator.api import Condition, FinetuneJob, FinetuneJobStatus, Phase, Progress, Result
 from kubetune_operator.conditions import (
     CONDITION_ORDER,
     CREATED,
@@ -27,6 +27,7 @@ from kubetune_operator.conditions import (
     REASON_CREATE_CONTAINER_CONFIG_ERROR,
     REASON_CREATING,
     REASON_DEADLINE_EXCEEDED,
+    REASON_FINISHING,
     REASON_GPU_RESOURCE_FOUND,
     REASON_GPU_RESOURCE_NOT_FOUND,
     REASON_IMAGE_PULL,
@@ -55,7 +56,6 @@ from kubetune_operator.conditions import (
     TRAINER_REASONS,
 )
 from kubetune_operator.progress import TrainerSample
-from kubetune_trainer.exitcodes import REASONS, ExitCode
 
 Obj = dict[str, Any]
 
@@ -104,19 +104,17 @@ def _terminated(pod: Obj) -> Obj | None:
     return dict(terminated) if isinstance(terminated, dict) else None
 
 
-def termination_message(pod: Obj) -> Obj | None:
-    """The trainer's JSON termination message; a non-JSON text (log tail) becomes a message."""
+def termination_message(pod: Obj) -> TerminationMessage | None:
+    """The trainer's termination message, or None when the pod ended without writing one."""
     terminated = _terminated(pod)
-    if not terminated:
-        return None
-    text = (terminated.get("message") or "").strip()
-    try:
-        parsed = json.loads(text) if text else None
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict):
-        return parsed
-    return {"message": text[-MAX_MESSAGE:]} if text else {}
+    text = str((terminated or {}).get("message") or "").strip()
+    return TerminationMessage.decode(text) if text else None
+
+
+def _log_tail(pod: Obj) -> str:
+    """What the kubelet put in place of a termination message the trainer never wrote (its log tail)."""
+    text = str((_terminated(pod) or {}).get("message") or "").strip()
+    return "" if TerminationMessage.decode(text) is not None else text[-MAX_MESSAGE:]
 
 
 def _created(pod: Obj) -> str:
@@ -140,15 +138,15 @@ def _failure_reason(pod: Obj) -> tuple[str, str]:
     terminated = _terminated(pod) or {}
     if terminated.get("reason") == "OOMKilled":
         return REASON_OOM_KILLED, ""
-    message = termination_message(pod) or {}
-    reason = message.get("reason")
-    if isinstance(reason, str) and reason in TRAINER_REASONS:
-        return reason, str(message.get("message") or "")
+    message = termination_message(pod)
+    if message is not None and message.reason in TRAINER_REASONS:
+        return message.reason, message.message or ""
+    text = (message.message if message is not None else None) or _log_tail(pod)
     code = terminated.get("exitCode")
     if isinstance(code, int) and code in ExitCode._value2member_map_:
-        return REASONS[ExitCode(code)], str(message.get("message") or "")
+        return REASONS[ExitCode(code)], text
     pod_reason = (pod.get("status") or {}).get("reason")
-    return (str(pod_reason) if pod_reason else REASON_JOB_FAILED), str(message.get("message") or (pod.get("status") or {}).get("message") or "")
+    return (str(pod_reason) if pod_reason else REASON_JOB_FAILED), text or str((pod.get("status") or {}).get("message") or "")
 
 
 def _oom_advice(spec: FinetuneJob) -> str:
@@ -238,6 +236,13 @@ def _pod_phase(spec: FinetuneJob, pods: list[Obj], failed_pods: list[Obj], verdi
         verdict.set(SCHEDULED, True, REASON_POD_SCHEDULED)
         verdict.set(RUNNING, True, REASON_TRAINING, verdict.message)
         return
+    if not live and any((p.get("status") or {}).get("phase") == "Succeeded" for p in pods):
+        # The trainer exited 0 and the Job controller has not marked the Job Complete yet: still Running, never
+        # back to Pending on the way to Succeeded.
+        verdict.phase, verdict.message = Phase.RUNNING, "the trainer finished; waiting for the Job to complete"
+        verdict.set(SCHEDULED, True, REASON_POD_SCHEDULED)
+        verdict.set(RUNNING, True, REASON_FINISHING, verdict.message)
+        return
     verdict.phase = Phase.PENDING
     for pod in live:
         explained = _pending_reason(pod)
@@ -267,34 +272,23 @@ def _pod_phase(spec: FinetuneJob, pods: list[Obj], failed_pods: list[Obj], verdi
 
 def _checkpoint(spec: FinetuneJob, observed: Observed, previous: FinetuneJobStatus | None) -> CheckpointRef | None:
     for pod in _newest_first(observed.pods):
-        message = termination_message(pod) or {}
-        found = message.get("lastCheckpoint")
-        if isinstance(found, dict) and "step" in found and "uri" in found:
-            try:
-                return CheckpointRef.model_validate(found)
-            except ValidationError:
-                continue
+        message = termination_message(pod)
+        if message is not None and message.last_checkpoint is not None:
+            return message.last_checkpoint
     if observed.sample is not None and observed.sample.last_checkpoint_step is not None:
-        step = observed.sample.last_checkpoint_step
-        prefix = "/".join(p for p in (spec.spec.output.prefix.strip("/"), spec.metadata.namespace, spec.metadata.name) if p)
-        return CheckpointRef(step=step, uri=f"s3://{spec.spec.output.bucket}/{prefix}/checkpoints/step-{step}/")
+        run = layout.run_prefix(spec.spec.output.prefix, spec.metadata.namespace, spec.metadata.name)
+        return CheckpointRef(
+            step=observed.sample.last_checkpoint_step, uri=layout.checkpoint_uri(spec.spec.output.bucket, run, observed.sample.last_checkpoint_step)
+        )
     return previous.last_checkpoint if previous else None
 
 
-def _result(observed: Observed) -> tuple[Result | None, Obj]:
+def _result(observed: Observed) -> Result | None:
     for pod in _newest_first(observed.pods):
-        message = termination_message(pod) or {}
-        if message.get("status") == "Succeeded" and message.get("adapterUri"):
-            try:
-                return Result.model_validate(_result_fields(message)), message
-            except ValidationError:
-                continue
-    return None, {}
-
-
-def _result_fields(message: Obj) -> Obj:
-    aliases = {info.alias or name for name, info in Result.model_fields.items()}
-    return {k: v for k, v in message.items() if k in aliases}
+        message = termination_message(pod)
+        if message is not None and message.status == "Succeeded" and message.result is not None:
+            return Result.model_validate(message.result.model_dump())
+    return None
 
 
 def _attempts(spec: FinetuneJob, observed: Observed) -> int:
@@ -319,7 +313,7 @@ def _merge_conditions(verdict: _Verdict, previous: FinetuneJobStatus | None, gen
 
 
 def compute_status(spec: FinetuneJob, observed: Observed) -> Obj:
-    """The status a FinetuneJob should have given what is observed (camelCase dict, with progressText)."""
+    """The status a FinetuneJob should have given what is observed (camelCase dict, with the printer fields)."""
     previous = spec.status
     if observed.job is None and previous is not None and previous.phase in (Phase.SUCCEEDED, Phase.FAILED):
         # The finished Job was removed (ttlSecondsAfterFinished): the recorded outcome stays.
@@ -345,10 +339,10 @@ def compute_status(spec: FinetuneJob, observed: Observed) -> Obj:
         else:
             advice = f"no node has {name} in its allocatable resources; install the device plugin or check spec.resources.gpuResourceName"
             verdict.set(GPU_RESOURCE_AVAILABLE, False, REASON_GPU_RESOURCE_NOT_FOUND, advice)
-    result, message = _result(observed) if verdict.phase is Phase.SUCCEEDED else (None, {})
+    result = _result(observed) if verdict.phase is Phase.SUCCEEDED else None
     if result is not None:
         verdict.message = f"adapter published at {result.adapter_uri}"
-    progress = _progress(verdict.phase, observed, previous, message)
+    progress = _progress(verdict.phase, observed, previous, result)
     job_status = (observed.job or {}).get("status") or {}
     completion = job_status.get("completionTime")
     if verdict.phase is Phase.FAILED and not completion:
@@ -384,15 +378,14 @@ def _fill_negatives(verdict: _Verdict) -> None:
         verdict.conditions.setdefault(kind, (False, reason, ""))
 
 
-def _progress(phase: Phase, observed: Observed, previous: FinetuneJobStatus | None, message: Obj) -> Progress | None:
+def _progress(phase: Phase, observed: Observed, previous: FinetuneJobStatus | None, result: Result | None) -> Progress | None:
     before = previous.progress if previous else None
     if phase is Phase.SUCCEEDED:
-        steps = message.get("steps")
         base = before.model_copy() if before else Progress()
-        if isinstance(steps, int):
-            base.step, base.total_steps = steps, steps
-        if isinstance(message.get("finalLoss"), int | float):
-            base.loss = float(message["finalLoss"])
+        if result is not None and result.steps is not None:
+            base.step, base.total_steps = result.steps, result.steps
+        if result is not None and result.final_loss is not None:
+            base.loss = result.final_loss
         base.percent, base.eta_seconds, base.tokens_per_second = 100, 0, None
         return base
     if phase is Phase.RUNNING and observed.sample is not None:
@@ -419,11 +412,8 @@ def invalid_spec_status(message: str, generation: int, previous: FinetuneJobStat
 
 
 def status_to_api(status: FinetuneJobStatus) -> Obj:
-    """The status as stored: camelCase, unset fields left out, plus the printer column text."""
-    data = status.to_api()
-    if status.progress is not None:
-        data["progressText"] = f"{status.progress.percent}%"
-    return data
+    """The status as stored: camelCase, unset fields left out, computed printer fields included."""
+    return status.to_api()
 
 
 def status_patch(old: Obj | None, new: Obj) -> Obj | None:
@@ -438,4 +428,7 @@ def status_patch(old: Obj | None, new: Obj) -> Obj | None:
     return patch
 
 
-_OWN_FIELDS = frozenset(alias for alias in (info.alias for info in FinetuneJobStatus.model_fields.values()) if alias) | {"progressText"}
+_OWN_FIELDS = frozenset(
+    [info.alias for info in FinetuneJobStatus.model_fields.values() if info.alias]
+    + [info.alias for info in FinetuneJobStatus.model_computed_fields.values() if info.alias]
+)

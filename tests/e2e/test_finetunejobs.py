@@ -13,12 +13,11 @@ from typing import Any
 
 import pytest
 
-from kubetune_trainer.config import OutputSpec
+from kubetune_api.recipe import OutputSpec
 from kubetune_trainer.publish import verify_adapter
 from kubetune_trainer.storage import S3Store
 from localcluster.stack import Stack
-from tests.unit.invalid_specs import INVALID_SPECS, InvalidSpec
-from tests.unit.test_examples import apply_change
+from tests.support.invalid_specs import INVALID_SPECS, InvalidSpec, apply_change
 
 pytestmark = pytest.mark.e2e
 

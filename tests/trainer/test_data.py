@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 import datasets
 import pytest
 
-from kubetune_trainer.config import OutputSpec, TrainerConfig
+from kubetune_api.exitcodes import ExitCode
+from kubetune_api.recipe import OutputSpec
+from kubetune_api.runtime import TrainerConfig
 from kubetune_trainer.data import IGNORE_INDEX, DataError, PreparedData, prepare_data
 from kubetune_trainer.data import prepare as prepare_module
-from kubetune_trainer.exitcodes import ExitCode
 from kubetune_trainer.storage import S3Store
 from kubetune_trainer.tinymodel import build_tokenizer
 

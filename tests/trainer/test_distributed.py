@@ -31,7 +31,7 @@ def test_two_processes_train_one_adapter(tiny_model_dir: Path, memorise_jsonl: P
     assert all(e["world_size"] == 2 for e in started)
     # Only rank 0 reports progress; the loss is the mean over both ranks.
     assert {e["rank"] for e in run.events if e.get("msg") == "progress"} == {0}
-    assert run.termination is not None and run.termination["status"] == "Succeeded" and run.termination["steps"] == 10
+    assert run.termination is not None and run.termination["status"] == "Succeeded" and run.termination["result"]["steps"] == 10
 
     client = s3_server.client()
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/team-a/ddp/")["Contents"]}

@@ -46,7 +46,7 @@ def promtool_check(body: str) -> None:
 def test_metrics_endpoint_serves_contract_series() -> None:
     import torch
 
-    from kubetune_trainer.config import TrainerConfig
+    from kubetune_api.runtime import TrainerConfig
     from kubetune_trainer.distributed import Context
     from kubetune_trainer.metrics import TrainerMetrics
     from kubetune_trainer.recipe import Run, _on_eval, _on_log

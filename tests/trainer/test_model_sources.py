@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_trainer.config import ModelSpec, OutputSpec
+from kubetune_api.recipe import ModelSpec, OutputSpec
 from kubetune_trainer.errors import ModelError
 from kubetune_trainer.storage import S3Store
 from tests.support.s3 import MotoS3Server

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_trainer.config import OutputSpec
+from kubetune_api.recipe import OutputSpec
 from kubetune_trainer.publish import (
     MANIFEST_NAME,
     publish_adapter,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_trainer.config import OutputSpec
+from kubetune_api.recipe import OutputSpec
 from kubetune_trainer.remote_checkpoints import (
     CHECKPOINT_MANIFEST,
     CheckpointRef,

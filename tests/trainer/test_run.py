@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_trainer.config import OutputSpec
+from kubetune_api.recipe import OutputSpec
 from kubetune_trainer.storage import S3Store
 from tests.support.s3 import DUMMY_SECRET_ACCESS_KEY, MotoS3Server
 from tests.trainer.conftest import TrainerRun, collect, run_trainer, start_trainer, trainer_config, trainer_env, write_config
@@ -96,15 +96,16 @@ def test_run_publishes_adapter_with_manifest_and_result(reference: Reference, s3
     message = run.termination
     assert message is not None
     assert message["status"] == "Succeeded" and message["reason"] == "Succeeded"
-    assert message["adapterUri"] == f"{prefix}/adapter/"
-    assert message["steps"] == STEPS and message["tokens"] > 0 and message["sizeBytes"] > 0
+    result = message["result"]
+    assert result["adapterUri"] == f"{prefix}/adapter/"
+    assert result["steps"] == STEPS and result["tokens"] > 0 and result["sizeBytes"] > 0
     assert message["lastCheckpoint"] == {"step": STEPS, "uri": f"{prefix}/checkpoints/step-{STEPS}/"}
-    assert message["peakMemoryBytes"] > 0 and message["durationSeconds"] > 0
-    assert "resumedFromStep" not in message  # trained from the start
+    assert result["peakMemoryBytes"] > 0 and result["durationSeconds"] > 0
+    assert "resumedFromStep" not in result  # trained from the start
 
     store = store_for(s3_server, reference.bucket)
-    assert verify_adapter(store, message["adapterUri"], deep=True)
-    manifest = read_manifest(store, message["adapterUri"])
+    assert verify_adapter(store, result["adapterUri"], deep=True)
+    manifest = read_manifest(store, result["adapterUri"])
     assert manifest is not None
     listed = {f["path"] for f in manifest["files"]}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json"} <= listed
@@ -208,20 +209,20 @@ def test_killed_run_resumes_from_its_checkpoint_with_the_same_loss_curve(
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     start = next(e for e in resumed.events if e.get("msg") == "resumed from checkpoint")
     assert start["step"] >= 10 and start["step"] % 10 == 0
-    assert resumed.termination is not None and resumed.termination["steps"] == STEPS
-    assert resumed.termination["resumedFromStep"] == start["step"]
+    assert resumed.termination is not None and resumed.termination["result"]["steps"] == STEPS
+    assert resumed.termination["result"]["resumedFromStep"] == start["step"]
 
     expected = reference.run.progress()
     after = {step: loss for step, loss in resumed.progress().items() if step > start["step"]}
     assert sorted(after) == [s for s in sorted(expected) if s > start["step"]]
     for step, loss in after.items():
         assert loss == pytest.approx(expected[step], rel=1e-3, abs=1e-4), (step, after, expected)
-    assert resumed.termination["finalLoss"] == pytest.approx(reference.run.termination["finalLoss"], rel=1e-3)  # type: ignore[index]
+    assert resumed.termination["result"]["finalLoss"] == pytest.approx(reference.run.termination["result"]["finalLoss"], rel=1e-3)  # type: ignore[index]
 
     # The loss history published with the adapter spans both attempts.
     from kubetune_trainer.publish import read_manifest
 
-    manifest = read_manifest(store_for(s3_server, bucket), resumed.termination["adapterUri"])
+    manifest = read_manifest(store_for(s3_server, bucket), resumed.termination["result"]["adapterUri"])
     assert manifest is not None
     history = {int(step): loss for step, loss in manifest["metrics"]["lossHistory"]}
     assert sorted(history) == sorted(expected)

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from kubetune_trainer.config import OutputSpec
-from kubetune_trainer.exitcodes import NON_RETRIABLE, ExitCode
+from kubetune_api.exitcodes import NON_RETRIABLE, ExitCode
+from kubetune_api.recipe import OutputSpec
 from kubetune_trainer.storage import RetryPolicy, S3Store, StoreSettings
 from kubetune_trainer.storage_errors import StorageAccessError, StorageError, StorageUnavailableError
 from kubetune_trainer.storage_paths import join_key, parse_s3_uri, safe_relative_path, sha256_file

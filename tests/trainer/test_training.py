@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from kubetune_trainer.config import Precision, TrainerConfig
+from kubetune_api.recipe import Precision
+from kubetune_api.runtime import TrainerConfig
 from tests.trainer.conftest import trainer_config
 
 pytestmark = [

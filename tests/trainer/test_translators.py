@@ -9,11 +9,13 @@ import json
 
 import pytest
 
-from kubetune_trainer.config import LoraSpec, Precision, QuantizationSpec, RuntimeConfig
+from kubetune_api.exitcodes import ExitCode
+from kubetune_api.recipe import LoraSpec, Precision, QuantizationSpec
+from kubetune_api.result import MAX_BYTES, CheckpointRef
+from kubetune_api.runtime import RuntimeConfig
 from kubetune_trainer.errors import ModelError, TrainerError, classify, redact
-from kubetune_trainer.exitcodes import ExitCode
 from kubetune_trainer.model import model_location, resolve_precision, resolve_target_modules
-from kubetune_trainer.result import MAX_BYTES, CheckpointRef, encode, failure_message
+from kubetune_trainer.result import failure
 
 pytestmark = pytest.mark.unit
 
@@ -141,7 +143,7 @@ def test_redact_removes_credentials() -> None:
 def test_failure_message_fits_the_kubernetes_limit_and_is_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-key-value")
     error = TrainerError("S3 said very-secret-key-value " + "x" * 10_000, ExitCode.STORAGE_UNAVAILABLE)
-    data = encode(failure_message(error, CheckpointRef(30, "s3://b/p/checkpoints/step-30/")))
+    data = failure(error, CheckpointRef(step=30, uri="s3://b/p/checkpoints/step-30/")).encode()
     assert len(data) <= MAX_BYTES
     decoded = json.loads(data)
     assert decoded["status"] == "Failed" and decoded["reason"] == "StorageUnavailable" and decoded["exitCode"] == 4

@@ -7,7 +7,6 @@ the same table to a real apiserver.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 from kubetune_operator.api import FinetuneJob
-from tests.unit.invalid_specs import INVALID_SPECS, InvalidSpec
+from tests.support.invalid_specs import INVALID_SPECS, InvalidSpec, apply_change
 
 pytestmark = pytest.mark.unit
 
@@ -62,20 +61,6 @@ def test_example_is_valid(path: Path) -> None:
 
 def base_spec() -> dict[str, Any]:
     body: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "tiny-cpu-lora.yaml").read_text())
-    return body
-
-
-def apply_change(body: dict[str, Any], case: InvalidSpec) -> dict[str, Any]:
-    body = copy.deepcopy(body)
-    for path, value in case.changes.items():
-        node = body
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        if value is InvalidSpec.DELETE:
-            node.pop(leaf, None)
-        else:
-            node[leaf] = value
     return body
 
 

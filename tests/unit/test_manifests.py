@@ -9,11 +9,11 @@ import pytest
 import yaml
 from kubernetes.client import ApiClient, V1ConfigMap, V1Job, V1Service
 
+from kubetune_api.exitcodes import NON_RETRIABLE
+from kubetune_api.runtime import TrainerConfig
 from kubetune_operator import manifests
 from kubetune_operator.api import FinetuneJob
 from kubetune_operator.settings import OperatorSettings
-from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.exitcodes import NON_RETRIABLE
 
 pytestmark = pytest.mark.unit
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from kubetune_api.result import CheckpointRef, TerminationMessage, TrainingResult
 from kubetune_operator import conditions as st
 from kubetune_operator.api import FinetuneJob, FinetuneJobStatus, Progress
 from kubetune_operator.events import transition_events
@@ -142,20 +143,20 @@ def test_progress_is_kept_between_metric_reads_while_running() -> None:
     assert status_patch(first, again) is None
 
 
-SUCCESS_MESSAGE = {
-    "status": "Succeeded",
-    "reason": "Succeeded",
-    "adapterUri": "s3://adapters/runs/team-a/llama/adapter/",
-    "manifestSha256": "a" * 64,
-    "sizeBytes": 1234,
-    "finalLoss": 0.875,
-    "steps": 100,
-    "tokens": 409600,
-    "durationSeconds": 321.5,
-    "peakMemoryBytes": 9_000_000_000,
-    "resumedFromStep": 60,
-    "lastCheckpoint": {"step": 100, "uri": "s3://adapters/runs/team-a/llama/checkpoints/step-100/"},
-}
+SUCCESS_MESSAGE = TerminationMessage.succeeded(
+    TrainingResult(
+        adapter_uri="s3://adapters/runs/team-a/llama/adapter/",
+        manifest_sha256="a" * 64,
+        size_bytes=1234,
+        final_loss=0.875,
+        steps=100,
+        tokens=409600,
+        duration_seconds=321.5,
+        peak_memory_bytes=9_000_000_000,
+        resumed_from_step=60,
+    ),
+    CheckpointRef(step=100, uri="s3://adapters/runs/team-a/llama/checkpoints/step-100/"),
+).to_api()
 
 
 def test_succeeded_with_termination_message_publishes_the_result() -> None:
@@ -174,6 +175,20 @@ def test_succeeded_with_termination_message_publishes_the_result() -> None:
     assert conditions["Succeeded"]["status"] == "True"
     assert conditions["Failed"]["status"] == "False"
     assert conditions["Running"]["status"] == "False"
+
+
+def test_phase_never_goes_back_to_pending_while_the_job_completes() -> None:
+    """The trainer pod exits 0 a moment before the Job controller marks the Job Complete: Running, then Succeeded."""
+    running = observe(job=job(active=1), pods=[pod("Running", state={"running": {}})])
+    finished_pod = pod("Succeeded", state=terminated(0, SUCCESS_MESSAGE, "Completed"))
+    exited = observe(job=job(active=0), pods=[finished_pod])
+    done = observe(job=job([cond("Complete", "CompletionsReached")], succeeded=1), pods=[finished_pod])
+    phases = []
+    status: dict[str, Any] | None = None
+    for observed in (running, exited, done):
+        status = compute_status(ftj(status), observed)
+        phases.append(status["phase"])
+    assert phases == ["Running", "Running", "Succeeded"]
 
 
 def test_failed_with_config_error_exit_code_uses_the_trainer_reason() -> None:
@@ -196,7 +211,7 @@ def test_failed_with_config_error_exit_code_uses_the_trainer_reason() -> None:
 
 @pytest.mark.parametrize("code", [10, 11, 12, 13, 14, 15])
 def test_every_non_retriable_exit_code_maps_to_its_reason_without_a_message(code: int) -> None:
-    from kubetune_trainer.exitcodes import REASONS, ExitCode
+    from kubetune_api.exitcodes import REASONS, ExitCode
 
     failed = job([cond("Failed", "PodFailurePolicy")], failed=1)
     status = compute_status(ftj(), observe(job=failed, pods=[pod("Failed", state=terminated(code, "Traceback (most recent call last): ..."))]))

@@ -15,8 +15,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from kubetune_api.runtime import TrainerConfig, load_trainer_config
 from kubetune_trainer import logs, result
-from kubetune_trainer.config import TrainerConfig, load_trainer_config
 from kubetune_trainer.errors import ConfigError, TrainerError
 
 DEFAULT_CONFIG = Path("/etc/kubetune/config.yaml")
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         config = read_config(args.config)
     except TrainerError as error:
         logs.event("run failed", level=40, reason=error.reason, exit_code=int(error.exit_code), error=error.message)
-        result.write(_termination_path(args.config), result.failure_message(error, None))
+        result.write(_termination_path(args.config), result.failure(error, None))
         return int(error.exit_code)
 
     from kubetune_trainer import distributed

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kubetune_trainer.config import RuntimeConfig
-from kubetune_trainer.exitcodes import ExitCode
+from kubetune_api.exitcodes import ExitCode
+from kubetune_api.runtime import RuntimeConfig
 
 DEFAULT_MASTER_PORT = 29500
 CONTROL_TIMEOUT = timedelta(hours=2)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from kubetune_trainer.exitcodes import REASONS, ExitCode
+from kubetune_api.exitcodes import REASONS, ExitCode
 
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 OOM_ADVICE = (

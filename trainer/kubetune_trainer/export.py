@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from kubetune_api.runtime import TrainerConfig
 from kubetune_trainer import logs, model, training
-from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.publish import PublishResult, publish_adapter, publish_merged
 from kubetune_trainer.storage import S3Store
 

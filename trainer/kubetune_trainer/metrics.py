@@ -1,6 +1,6 @@
 """Prometheus metrics of one trainer pod, served by local rank 0 on runtime.metricsPort.
 
-Series names and labels follow contracts.md. Training values are pushed by the loop at its log
+Series names and labels are the contract's (``kubetune_api.metrics``). Training values are pushed by the loop at its log
 interval (no extra device syncs); process and GPU values are read when Prometheus scrapes.
 NVML is imported lazily and only when CUDA is present.
 """
@@ -17,10 +17,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kubetune_api.metrics import LABEL_FINETUNEJOB, LABEL_GPU, LABEL_NAMESPACE, LABEL_RANK, TrainerMetric
+
 if TYPE_CHECKING:
     from kubetune_trainer.storage import Direction
 
-PREFIX = "kubetune_trainer"
 SAVE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -35,7 +36,7 @@ class ProcessCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         names = list(self.labels)
         values = list(self.labels.values())
-        rss = GaugeMetricFamily(f"{PREFIX}_resident_memory_bytes", "Resident memory of the trainer process in bytes.", labels=names)
+        rss = GaugeMetricFamily(TrainerMetric.RESIDENT_MEMORY, "Resident memory of the trainer process in bytes.", labels=names)
         rss.add_metric(values, float(_resident_memory()))
         yield rss
         yield from self._gpu(names, values)
@@ -47,14 +48,14 @@ class ProcessCollector(Collector):
         torch = sys.modules.get("torch")
         if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
             return
-        gpu_names = [*names, "gpu"]
+        gpu_names = [*names, LABEL_GPU]
         families = {
-            "allocated": GaugeMetricFamily(f"{PREFIX}_gpu_memory_allocated_bytes", "GPU memory held by tensors in bytes.", labels=gpu_names),
-            "reserved": GaugeMetricFamily(f"{PREFIX}_gpu_memory_reserved_bytes", "GPU memory reserved by the caching allocator in bytes.", labels=gpu_names),
-            "peak": GaugeMetricFamily(f"{PREFIX}_gpu_memory_peak_bytes", "Peak GPU memory held by tensors in bytes.", labels=gpu_names),
-            "total": GaugeMetricFamily(f"{PREFIX}_gpu_memory_total_bytes", "Total memory of the GPU in bytes.", labels=gpu_names),
+            "allocated": GaugeMetricFamily(TrainerMetric.GPU_MEMORY_ALLOCATED, "GPU memory held by tensors in bytes.", labels=gpu_names),
+            "reserved": GaugeMetricFamily(TrainerMetric.GPU_MEMORY_RESERVED, "GPU memory reserved by the caching allocator in bytes.", labels=gpu_names),
+            "peak": GaugeMetricFamily(TrainerMetric.GPU_MEMORY_PEAK, "Peak GPU memory held by tensors in bytes.", labels=gpu_names),
+            "total": GaugeMetricFamily(TrainerMetric.GPU_MEMORY_TOTAL, "Total memory of the GPU in bytes.", labels=gpu_names),
         }
-        util = GaugeMetricFamily(f"{PREFIX}_gpu_utilization_ratio", "GPU busy time ratio reported by NVML (0..1).", labels=gpu_names)
+        util = GaugeMetricFamily(TrainerMetric.GPU_UTILIZATION, "GPU busy time ratio reported by NVML (0..1).", labels=gpu_names)
         for index in range(torch.cuda.device_count()):
             label_values = [*values, str(index)]
             families["allocated"].add_metric(label_values, float(torch.cuda.memory_allocated(index)))
@@ -100,33 +101,35 @@ class TrainerMetrics:
         # *_created series double the output and no dashboard uses them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
-        self.labels = {"namespace": namespace, "finetunejob": finetunejob, "rank": str(rank)}
+        self.labels = {LABEL_NAMESPACE: namespace, LABEL_FINETUNEJOB: finetunejob, LABEL_RANK: str(rank)}
         names = list(self.labels)
         r = self.registry
 
-        def gauge(name: str, doc: str, *, initial: bool = True) -> Gauge:
-            created = Gauge(f"{PREFIX}_{name}", doc, names, registry=r)
+        def gauge(name: TrainerMetric, doc: str, *, initial: bool = True) -> Gauge:
+            created = Gauge(name, doc, names, registry=r)
             if initial:
                 # Materialise the series so a scrape before the first step already shows it.
                 created.labels(**self.labels)
             return created
 
-        self.step = gauge("step", "Optimizer steps done.")
-        self.total_steps = gauge("total_steps", "Optimizer steps the run will take.")
-        self.epoch = gauge("epoch", "Passes over the training data done (fractional).")
-        self.progress = gauge("progress_ratio", "Share of the run done (0..1).")
-        self.loss = gauge("loss", "Mean training loss over the latest log interval.", initial=False)
-        self.eval_loss = gauge("eval_loss", "Loss on the evaluation set at the latest evaluation.", initial=False)
-        self.learning_rate = gauge("learning_rate", "Current learning rate.", initial=False)
-        self.tokens_per_second = gauge("tokens_per_second", "Trained (non-padding) tokens per second in this pod over the latest log interval.", initial=False)
-        self.eta = gauge("eta_seconds", "Estimated seconds until training ends.")
-        self.last_checkpoint_step = gauge("last_checkpoint_step", "Step of the newest uploaded checkpoint.")
-        self.tokens = Counter(f"{PREFIX}_tokens", "Trained (non-padding) tokens in this pod.", names, registry=r)
-        self.retries = Counter(f"{PREFIX}_s3_retries", "S3 requests retried.", names, registry=r)
-        self.s3_bytes = Counter(f"{PREFIX}_s3_bytes", "Bytes moved to or from S3.", [*names, "direction"], registry=r)
-        self.save_seconds = Histogram(f"{PREFIX}_checkpoint_save_seconds", "Time to write a checkpoint locally.", names, registry=r, buckets=SAVE_BUCKETS)
-        self.upload_seconds = Histogram(f"{PREFIX}_checkpoint_upload_seconds", "Time to upload a checkpoint to S3.", names, registry=r, buckets=SAVE_BUCKETS)
-        info_gauge = Gauge(f"{PREFIX}_info", "Static facts about the run; always 1.", [*names, *sorted(info)], registry=r)
+        self.step = gauge(TrainerMetric.STEP, "Optimizer steps done.")
+        self.total_steps = gauge(TrainerMetric.TOTAL_STEPS, "Optimizer steps the run will take.")
+        self.epoch = gauge(TrainerMetric.EPOCH, "Passes over the training data done (fractional).")
+        self.progress = gauge(TrainerMetric.PROGRESS, "Share of the run done (0..1).")
+        self.loss = gauge(TrainerMetric.LOSS, "Mean training loss over the latest log interval.", initial=False)
+        self.eval_loss = gauge(TrainerMetric.EVAL_LOSS, "Loss on the evaluation set at the latest evaluation.", initial=False)
+        self.learning_rate = gauge(TrainerMetric.LEARNING_RATE, "Current learning rate.", initial=False)
+        self.tokens_per_second = gauge(
+            TrainerMetric.TOKENS_PER_SECOND, "Trained (non-padding) tokens per second in this pod over the latest log interval.", initial=False
+        )
+        self.eta = gauge(TrainerMetric.ETA, "Estimated seconds until training ends.")
+        self.last_checkpoint_step = gauge(TrainerMetric.LAST_CHECKPOINT_STEP, "Step of the newest uploaded checkpoint.")
+        self.tokens = Counter(TrainerMetric.TOKENS, "Trained (non-padding) tokens in this pod.", names, registry=r)
+        self.retries = Counter(TrainerMetric.S3_RETRIES, "S3 requests retried.", names, registry=r)
+        self.s3_bytes = Counter(TrainerMetric.S3_BYTES, "Bytes moved to or from S3.", [*names, "direction"], registry=r)
+        self.save_seconds = Histogram(TrainerMetric.CHECKPOINT_SAVE_SECONDS, "Time to write a checkpoint locally.", names, registry=r, buckets=SAVE_BUCKETS)
+        self.upload_seconds = Histogram(TrainerMetric.CHECKPOINT_UPLOAD_SECONDS, "Time to upload a checkpoint to S3.", names, registry=r, buckets=SAVE_BUCKETS)
+        info_gauge = Gauge(TrainerMetric.INFO, "Static facts about the run; always 1.", [*names, *sorted(info)], registry=r)
         info_gauge.labels(**self.labels, **info).set(1)
         for direction in ("upload", "download"):
             self.s3_bytes.labels(**self.labels, direction=direction)

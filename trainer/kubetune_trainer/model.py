@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from kubetune_trainer.config import ALL_LINEAR, LoraSpec, ModelSpec, OutputSpec, Precision, QuantizationSpec
+from kubetune_api.recipe import ALL_LINEAR, LoraSpec, ModelSpec, OutputSpec, Precision, QuantizationSpec
 from kubetune_trainer.errors import ModelError
 
 if TYPE_CHECKING:

@@ -20,11 +20,13 @@ from typing import Any
 
 import torch
 
+from kubetune_api.exitcodes import ExitCode
+from kubetune_api.recipe import OutputSpec
+from kubetune_api.result import CheckpointRef, TerminationMessage, TrainingResult
+from kubetune_api.runtime import TrainerConfig
 from kubetune_trainer import checkpoints, distributed, export, logs, model, result, training
-from kubetune_trainer.config import OutputSpec, TrainerConfig
 from kubetune_trainer.distributed import Context
 from kubetune_trainer.errors import Interrupted, TrainerError, classify
-from kubetune_trainer.exitcodes import ExitCode
 from kubetune_trainer.loss import LossModel
 from kubetune_trainer.metrics import TrainerMetrics
 from kubetune_trainer.storage import S3Store, StorageObserver
@@ -57,10 +59,10 @@ class Run:
     work_dir: Path
     metrics: TrainerMetrics | None
     store: S3Store | None = None
-    last_checkpoint: result.CheckpointRef | None = None
+    last_checkpoint: CheckpointRef | None = None
     resumed_from_step: int | None = None
     uploads: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload"))
-    pending_upload: Future[result.CheckpointRef] | None = None
+    pending_upload: Future[CheckpointRef] | None = None
 
     @property
     def checkpoint_root(self) -> Path:
@@ -193,20 +195,25 @@ def _run(run_state: Run, stop: StopFlag, started: float) -> ExitCode:
     # ---- cleanup: result ----
     if ctx.is_local_main:
         peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else _rss()
-        message = result.success_message(
-            adapter_uri=published.adapter_uri if published else None,
-            manifest_sha256=published.manifest_sha256 if published else None,
-            size_bytes=published.size_bytes if published else None,
-            final_loss=outcome.final_loss,
-            steps=outcome.state.step,
-            tokens=outcome.state.tokens,
-            duration_seconds=time.monotonic() - started,
-            peak_memory_bytes=int(peak),
-            last_checkpoint=run_state.last_checkpoint,
-            resumed_from_step=run_state.resumed_from_step,
+        # Only the pod of rank 0 published; the others report success without a result.
+        trained = (
+            TrainingResult(
+                adapter_uri=published.uri,
+                manifest_sha256=published.manifest_sha256,
+                size_bytes=published.size_bytes,
+                final_loss=outcome.final_loss,
+                steps=outcome.state.step,
+                tokens=outcome.state.tokens,
+                duration_seconds=round(time.monotonic() - started, 3),
+                peak_memory_bytes=int(peak),
+                resumed_from_step=run_state.resumed_from_step,
+            )
+            if published is not None
+            else None
         )
+        message = TerminationMessage.succeeded(trained, run_state.last_checkpoint)
         result.write(config.runtime.termination_message_path, message)
-        logs.event("run succeeded", **message)
+        logs.event("run succeeded", **message.to_api())
     return ExitCode.SUCCESS
 
 
@@ -249,7 +256,7 @@ def _prepare_data(config: TrainerConfig, tokenizer: Any, ctx: Context, store_fac
     return _Data(stream, eval_batches, int(prepared.num_train_records))
 
 
-def _fetch_checkpoint(run_state: Run) -> result.CheckpointRef | None:
+def _fetch_checkpoint(run_state: Run) -> CheckpointRef | None:
     """Find the newest complete checkpoint in S3 and bring it to local disk; None for a fresh start.
 
     Runs before the model loads, so a wrong bucket or missing permission fails the run at once.
@@ -265,10 +272,10 @@ def _fetch_checkpoint(run_state: Run) -> result.CheckpointRef | None:
         # Files already here with the right sha256 (a container restart on the same node) are kept.
         remote_checkpoints.download_checkpoint(run_state.store, found.uri, checkpoints.step_dir(run_state.checkpoint_root, found.step))
     distributed.barrier(ctx)
-    return None if found is None else result.CheckpointRef(found.step, found.uri)
+    return None if found is None else CheckpointRef(step=found.step, uri=found.uri)
 
 
-def _resume(run_state: Run, found: result.CheckpointRef | None, train_model: Any, optimizer: Any, scheduler: Any, stream: Any) -> checkpoints.TrainingState:
+def _resume(run_state: Run, found: CheckpointRef | None, train_model: Any, optimizer: Any, scheduler: Any, stream: Any) -> checkpoints.TrainingState:
     """Load a fetched checkpoint into the model, optimizer, scheduler and data stream."""
     if found is None:
         return checkpoints.TrainingState()
@@ -346,7 +353,7 @@ def _checkpoint(run_state: Run, train_model: Any, optimizer: Any, scheduler: Any
     run_state.pending_upload = run_state.uploads.submit(_upload, run_state, local, state.step, state.losses[-1][1] if state.losses else None)
 
 
-def _upload(run_state: Run, local: Path, step: int, loss: float | None) -> result.CheckpointRef:
+def _upload(run_state: Run, local: Path, step: int, loss: float | None) -> CheckpointRef:
     from kubetune_trainer import remote_checkpoints
 
     assert run_state.store is not None
@@ -358,7 +365,7 @@ def _upload(run_state: Run, local: Path, step: int, loss: float | None) -> resul
         m.upload_seconds.labels(**m.labels).observe(seconds)
         m.set(m.last_checkpoint_step, step)
     logs.event("checkpoint uploaded", step=step, uri=uri, seconds=round(seconds, 3))
-    return result.CheckpointRef(step, uri)
+    return CheckpointRef(step=step, uri=uri)
 
 
 def _wait_for_upload(run_state: Run) -> None:
@@ -370,10 +377,10 @@ def _wait_for_upload(run_state: Run) -> None:
 # ---- failure ----------------------------------------------------------------------------------
 
 
-def _fail(config: TrainerConfig, ctx: Context, error: TrainerError, last: result.CheckpointRef | None) -> ExitCode:
+def _fail(config: TrainerConfig, ctx: Context, error: TrainerError, last: CheckpointRef | None) -> ExitCode:
     logs.event("run failed", level=40, reason=error.reason, exit_code=int(error.exit_code), error=error.message)
     if ctx.is_local_main:
-        result.write(config.runtime.termination_message_path, result.failure_message(error, last))
+        result.write(config.runtime.termination_message_path, result.failure(error, last))
     return error.exit_code
 
 

@@ -31,7 +31,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from kubetune_trainer.config import OutputSpec
+from kubetune_api.recipe import OutputSpec
 from kubetune_trainer.storage_errors import (
     StorageAccessError,
     StorageError,

@@ -12,7 +12,7 @@ from typing import Literal
 from botocore.exceptions import ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from kubetune_trainer.exitcodes import ExitCode
+from kubetune_api.exitcodes import ExitCode
 
 ACCESS_ERROR_CODES = frozenset(
     {"AccessDenied", "AllAccessDisabled", "AccountProblem", "ExpiredToken", "Forbidden", "InvalidAccessKeyId", "InvalidBucketName"}

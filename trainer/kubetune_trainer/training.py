@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 import torch
 
+from kubetune_api.recipe import Optimizer, Precision, Scheduler, TrainingSpec
 from kubetune_trainer.checkpoints import TrainingState
-from kubetune_trainer.config import Optimizer, Precision, Scheduler, TrainingSpec
 from kubetune_trainer.distributed import Context, all_reduce_sum, any_true
 from kubetune_trainer.errors import NumericError
 from kubetune_trainer.loss import LossModel

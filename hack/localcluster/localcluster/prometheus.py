@@ -107,7 +107,7 @@ class PodDiscovery:
         while not self._stop.wait(self.interval_seconds):
             try:
                 self.refresh()
-            except Exception:  # noqa: BLE001 - the apiserver may be restarting; the next round retries
+            except Exception:  # the apiserver may be restarting; the next round retries
                 continue
 
 

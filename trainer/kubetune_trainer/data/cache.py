@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from kubetune_trainer.config import DatasetSpec
+from kubetune_api.dataset import DatasetSpec
 from kubetune_trainer.data.records import TokenizedRecords
 from kubetune_trainer.data.sources import local_stamp, locked
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from kubetune_api.exitcodes import ExitCode
 from kubetune_trainer.errors import TrainerError
-from kubetune_trainer.exitcodes import ExitCode
 
 
 class DataError(TrainerError):

@@ -24,7 +24,7 @@ import datasets
 import numpy as np
 import numpy.typing as npt
 
-from kubetune_trainer.config import DatasetFormat, DatasetSpec
+from kubetune_api.dataset import DatasetFormat, DatasetSpec
 from kubetune_trainer.data.errors import DataError
 from kubetune_trainer.data.records import TokenizedRecords
 

@@ -13,7 +13,9 @@ import datasets
 import numpy as np
 import torch
 
-from kubetune_trainer.config import DatasetSpec, OutputSpec, TrainerConfig
+from kubetune_api.dataset import DatasetSpec
+from kubetune_api.recipe import OutputSpec
+from kubetune_api.runtime import TrainerConfig
 from kubetune_trainer.data import batches
 from kubetune_trainer.data.batches import Batch, BatchStream, Collator
 from kubetune_trainer.data.cache import Tokenized, cache_key, cached

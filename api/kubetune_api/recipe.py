@@ -1,63 +1,24 @@
-"""The trainer's input contract: what to fine-tune, on what data, how, and where the result goes.
+"""The recipe: what to fine-tune, on what data, how, and where the result goes.
 
-These models are the single source of truth for the training part of the FinetuneJob API: the
-operator embeds them in the FinetuneJob spec (and so in the generated CRD), and renders a
-``TrainerConfig`` into the ConfigMap the trainer reads. Field descriptions become the CRD's
-``kubectl explain`` text. This module imports neither torch nor kopf.
+These models are the training part of the FinetuneJob API: the operator embeds them in the
+FinetuneJob spec (and so in the generated CRD) and renders them, with a ``RuntimeConfig``, into the
+ConfigMap the trainer reads. Field descriptions become the CRD's ``kubectl explain`` text; CEL rules
+and their Python twins share the texts in ``messages``.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from enum import StrEnum
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
-from pydantic.alias_generators import to_camel
-from pydantic.config import JsonDict, JsonValue
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
 
-S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
-K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+from kubetune_api.dataset import DatasetSpec
+from kubetune_api.messages import message
+from kubetune_api.schema import K8S_NAME_PATTERN, S3_URI_PATTERN, ApiModel, Source, cel, validations
+
 ALL_LINEAR = "all-linear"
-
-
-def cel(rule: str, message: str, **extra: str) -> JsonDict:
-    """One ``x-kubernetes-validations`` entry: a CEL rule and the message a user sees when it fails."""
-    return {"rule": rule, "message": message, **extra}
-
-
-def validations(*rules: JsonDict) -> JsonDict:
-    """Schema extra carrying CEL rules; the CRD generator keeps them where the field or model lands."""
-    items: list[JsonValue] = list(rules)
-    return {"x-kubernetes-validations": items}
-
-
-def check_s3_source(value: str) -> str:
-    """Python twin of the CEL rule on s3:// sources."""
-    if value.startswith("s3://") and not re.match(S3_URI_PATTERN, value):
-        raise ValueError("an s3:// source must look like s3://bucket/prefix")
-    return value
-
-
-Source = Annotated[str, AfterValidator(check_s3_source)]
-
-
-class ApiModel(BaseModel):
-    """Base for API objects: camelCase on the wire, unknown fields rejected."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        use_attribute_docstrings=False,
-    )
-
-    def to_api(self) -> dict[str, Any]:
-        """The object as it appears in YAML/JSON: camelCase keys, unset optionals omitted."""
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
 class SecretKeyRef(ApiModel):
@@ -112,7 +73,7 @@ class ModelSpec(ApiModel):
         json_schema_extra=validations(
             cel(
                 "!self.startsWith('s3://') || self.matches('" + S3_URI_PATTERN + "')",
-                "spec.model.source: an s3:// source must look like s3://bucket/prefix",
+                message("model.source.s3"),
             )
         ),
     )
@@ -134,119 +95,6 @@ class ModelSpec(ApiModel):
         max_length=253,
         pattern=K8S_NAME_PATTERN,
         description="Name of a PersistentVolumeClaim mounted at /models and used as the model download cache, so restarts do not download again.",
-    )
-
-
-class DatasetFormat(StrEnum):
-    TEXT = "text"
-    INSTRUCTION = "instruction"
-    CHAT = "chat"
-
-
-class InstructionFormat(ApiModel):
-    """How instruction records (prompt and response fields) become training text."""
-
-    prompt_field: str = Field(default="prompt", max_length=128, description="Record field holding the instruction or prompt.")
-    response_field: str = Field(default="response", max_length=128, description="Record field holding the expected answer.")
-    system_field: str | None = Field(default=None, max_length=128, description="Optional record field holding a system prompt.")
-    template: str = Field(
-        default="{system}### Instruction:\n{prompt}\n\n### Response:\n",
-        max_length=4096,
-        description=(
-            "Prompt template with the placeholders {prompt} and {system} (empty when absent). The "
-            "response follows it; loss is computed on the response tokens only."
-        ),
-    )
-
-
-class ChatFormat(ApiModel):
-    """How chat records (a list of role/content messages) become training text."""
-
-    messages_field: str = Field(default="messages", max_length=128, description="Record field holding the list of {role, content} messages.")
-
-
-class EvalSpec(ApiModel):
-    """The evaluation set: a share of the training data, or a separate source."""
-
-    model_config = ConfigDict(
-        json_schema_extra=validations(
-            cel(
-                "has(self.ratio) != has(self.source)",
-                "spec.dataset.eval: set exactly one of ratio (a share of the training data) or source (a separate dataset)",
-            )
-        )
-    )
-
-    ratio: float | None = Field(
-        default=None,
-        gt=0.0,
-        lt=1.0,
-        description="Share of the training records held out for evaluation, between 0 and 1 (for example 0.05).",
-    )
-    source: Source | None = Field(
-        default=None,
-        max_length=1024,
-        description="A separate evaluation dataset, in the same forms as spec.dataset.source.",
-    )
-    split: str = Field(default="validation", max_length=128, description="Split of a Hugging Face evaluation source.")
-
-
-class DatasetSpec(ApiModel):
-    """The training data and how records become token sequences."""
-
-    source: Source = Field(
-        min_length=1,
-        max_length=1024,
-        description=(
-            "Where the data comes from: a Hugging Face dataset id, an s3:// object or prefix of "
-            "jsonl/json/parquet/csv files (read with spec.output's endpoint and credentials), or an "
-            "absolute local path to such a file or folder."
-        ),
-        json_schema_extra=validations(
-            cel(
-                "!self.startsWith('s3://') || self.matches('" + S3_URI_PATTERN + "')",
-                "spec.dataset.source: an s3:// source must look like s3://bucket/key-or-prefix",
-            )
-        ),
-    )
-    config: str | None = Field(default=None, max_length=256, description="Configuration (subset) name of a Hugging Face dataset.")
-    split: str = Field(default="train", max_length=128, description="Split of a Hugging Face dataset used for training.")
-    file_format: Literal["jsonl", "json", "parquet", "csv"] | None = Field(
-        default=None,
-        description="File format of s3:// or local files. Inferred from the file extension when unset.",
-    )
-    format: DatasetFormat = Field(
-        default=DatasetFormat.TEXT,
-        description=(
-            "How records are read: 'text' (one text field), 'instruction' (prompt/response fields and a "
-            "template; loss on the response only) or 'chat' (a messages list rendered with the tokenizer's "
-            "chat template; loss on assistant turns only)."
-        ),
-    )
-    text_field: str = Field(default="text", max_length=128, description="Record field holding the text, for format 'text'.")
-    instruction: InstructionFormat = Field(
-        default_factory=InstructionFormat,
-        description="Field names and template for format 'instruction'.",
-    )
-    chat: ChatFormat = Field(default_factory=ChatFormat, description="Field names for format 'chat'.")
-    eval: EvalSpec | None = Field(default=None, description="Evaluation set. Without it no evaluation runs.")
-    max_samples: int | None = Field(
-        default=None,
-        ge=1,
-        description="Use at most this many training records (taken after shuffling with the training seed).",
-    )
-    packing: bool = Field(
-        default=True,
-        description=(
-            "Pack several records into each sequence of maxSeqLength tokens for throughput. Records do "
-            "not attend to each other: positions restart at each record boundary."
-        ),
-    )
-    max_seq_length: int = Field(
-        default=2048,
-        ge=16,
-        le=131072,
-        description="Maximum tokens per training sequence; longer records are truncated.",
     )
 
 
@@ -332,11 +180,11 @@ class TrainingSpec(ApiModel):
         json_schema_extra=validations(
             cel(
                 "has(self.epochs) != has(self.maxSteps)",
-                "spec.training: set exactly one of epochs or maxSteps",
+                message("training.one_of"),
             ),
             cel(
                 "!has(self.warmupSteps) || !has(self.maxSteps) || self.warmupSteps < self.maxSteps",
-                "spec.training.warmupSteps must be smaller than spec.training.maxSteps",
+                message("training.warmup"),
             ),
         )
     )
@@ -401,26 +249,14 @@ class OutputSpec(ApiModel):
     )
 
 
-class RuntimeConfig(ApiModel):
-    """How the operator runs the trainer; filled in by the operator, not part of the FinetuneJob spec."""
-
-    namespace: str = Field(default="default", description="Namespace of the FinetuneJob (a metrics label).")
-    job_name: str = Field(default="local", description="Name of the FinetuneJob (a metrics label and part of S3 keys).")
-    gpus_per_node: int = Field(default=0, ge=0, description="GPUs per node; 0 runs on CPU.")
-    nodes: int = Field(default=1, ge=1, description="Number of nodes (pods) taking part.")
-    metrics_port: int = Field(default=9184, ge=1, le=65535, description="Port of the Prometheus metrics endpoint.")
-    work_dir: str = Field(default="/var/lib/kubetune", description="Scratch directory for caches and local checkpoints.")
-    termination_message_path: str = Field(default="/dev/termination-log", description="File that receives the JSON result.")
-
-
 RECIPE_RULES: list[JsonDict] = [
     cel(
         "!has(self.quantization) || self.method == 'qlora'",
-        "spec.quantization is only valid with method: qlora; remove it or set spec.method to qlora",
+        message("quantization.method"),
     ),
     cel(
         "!has(self.training.evalEvery) || has(self.dataset.eval)",
-        "spec.training.evalEvery needs spec.dataset.eval (a ratio or a source)",
+        message("training.eval_every"),
     ),
 ]
 """CEL twins of ``cross_field_errors``, attached to every schema that embeds a recipe."""
@@ -459,35 +295,18 @@ class TrainingRecipe(ApiModel):
         return None
 
 
-class TrainerConfig(TrainingRecipe):
-    """Everything the trainer needs for one run; rendered by the operator into the job's ConfigMap."""
-
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="How the operator runs the trainer.")
-
-    @property
-    def run_prefix(self) -> str:
-        """S3 key prefix of this run: <prefix>/<namespace>/<name>."""
-        parts = [self.output.prefix.strip("/"), self.runtime.namespace, self.runtime.job_name]
-        return "/".join(p for p in parts if p)
-
-
 def cross_field_errors(config: TrainingRecipe) -> list[str]:
     """Rules that span fields; the CRD states the same rules in CEL so the apiserver rejects them first."""
     errors: list[str] = []
     training = config.training
     if (training.epochs is None) == (training.max_steps is None):
-        errors.append("spec.training: set exactly one of epochs or maxSteps")
+        errors.append(message("training.one_of"))
+    if training.max_steps is not None and training.warmup_steps >= training.max_steps:
+        errors.append(message("training.warmup"))
     if config.quantization is not None and config.method is not Method.QLORA:
-        errors.append("spec.quantization is only valid with method: qlora; remove it or set spec.method to qlora")
+        errors.append(message("quantization.method"))
     if training.eval_every is not None and config.dataset.eval is None:
-        errors.append("spec.training.evalEvery needs spec.dataset.eval (a ratio or a source)")
+        errors.append(message("training.eval_every"))
     if config.dataset.eval is not None and (config.dataset.eval.ratio is None) == (config.dataset.eval.source is None):
-        errors.append("spec.dataset.eval: set exactly one of ratio (a share of the training data) or source (a separate dataset)")
+        errors.append(message("dataset.eval.one_of"))
     return errors
-
-
-def load_trainer_config(path: Path) -> TrainerConfig:
-    """Read a TrainerConfig from a YAML or JSON file."""
-    text = path.read_text(encoding="utf-8")
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    return TrainerConfig.model_validate(data)

@@ -6,6 +6,7 @@ Each case changes the tiny CPU example at dotted paths.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -42,3 +43,17 @@ INVALID_SPECS: list[InvalidSpec] = [
     InvalidSpec("unknown-field", {"spec.training.lerningRate": 0.1}, "lerningRate"),
     InvalidSpec("bad-cpu-quantity", {"spec.resources.cpu": "lots"}, "spec.resources.cpu"),
 ]
+
+
+def apply_change(body: dict[str, Any], case: InvalidSpec) -> dict[str, Any]:
+    body = copy.deepcopy(body)
+    for path, value in case.changes.items():
+        node = body
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is InvalidSpec.DELETE:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return body

@@ -1,0 +1,27 @@
+"""Every validation message a user can see, once: CEL rules in the CRD and their Python twins both use these.
+
+A message names the field and what to do. Keys are stable identifiers; the operator, the trainer and the tests
+refer to messages by key, never by copying the text.
+"""
+
+from __future__ import annotations
+
+MESSAGES: dict[str, str] = {
+    "model.source.s3": "spec.model.source: an s3:// source must look like s3://bucket/prefix",
+    "dataset.source.s3": "spec.dataset.source: an s3:// source must look like s3://bucket/key-or-prefix",
+    "dataset.eval.source.s3": "spec.dataset.eval.source: an s3:// source must look like s3://bucket/key-or-prefix",
+    "dataset.eval.one_of": "spec.dataset.eval: set exactly one of ratio (a share of the training data) or source (a separate dataset)",
+    "training.one_of": "spec.training: set exactly one of epochs or maxSteps",
+    "training.warmup": "spec.training.warmupSteps must be smaller than spec.training.maxSteps",
+    "training.eval_every": "spec.training.evalEvery needs spec.dataset.eval (a ratio or a source)",
+    "quantization.method": "spec.quantization is only valid with method: qlora; remove it or set spec.method to qlora",
+    "resources.multinode": "spec.resources.nodes > 1 needs spec.resources.gpus > 0: multi-node training runs on GPUs",
+    "training.fp16_cpu": "spec.training.precision fp16 needs GPUs: use auto or fp32 when spec.resources.gpus is 0",
+    "training.paged_cpu": "spec.training.optimizer: paged optimizers need GPUs; use adamw when spec.resources.gpus is 0",
+    "spec.immutable": ("spec is immutable except {mutable}: delete and recreate the FinetuneJob to change what it trains"),
+}
+
+
+def message(key: str, **values: str) -> str:
+    """The message for ``key``, with its placeholders filled in."""
+    return MESSAGES[key].format(**values) if values else MESSAGES[key]

@@ -1,0 +1,79 @@
+"""What the trainer reports back: the termination message, its result and checkpoint references.
+
+The trainer writes a ``TerminationMessage`` (``encode``: camelCase JSON within the kubelet's 4 KiB) to its
+termination-message path; the operator reads it from the pod status with ``TerminationMessage.decode`` and
+copies ``result`` and ``lastCheckpoint`` into the FinetuneJob status. Nothing here is built by hand on either side.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field, ValidationError
+
+from kubetune_api.exitcodes import REASONS, ExitCode
+from kubetune_api.schema import ApiModel
+
+MAX_BYTES = 4096
+"""Kubernetes keeps at most 4 KiB of a termination message."""
+
+
+class CheckpointRef(ApiModel):
+    """A complete checkpoint in S3."""
+
+    step: int = Field(ge=0, description="Step the checkpoint was taken at.")
+    uri: str = Field(max_length=2048, description="s3:// URI of the checkpoint folder.")
+    time: datetime | None = Field(default=None, description="When it was uploaded.")
+
+
+class TrainingResult(ApiModel):
+    """The published adapter and what the run took to make it."""
+
+    adapter_uri: str = Field(max_length=2048, description="s3:// URI of the adapter folder (manifest.json inside lists every file).")
+    manifest_sha256: str | None = Field(default=None, max_length=64, description="sha256 of manifest.json.")
+    size_bytes: int | None = Field(default=None, ge=0, description="Total size of the adapter files.")
+    final_loss: float | None = Field(default=None, description="Training loss at the last step.")
+    steps: int | None = Field(default=None, ge=0, description="Optimizer steps run.")
+    tokens: int | None = Field(default=None, ge=0, description="Tokens trained on.")
+    duration_seconds: float | None = Field(default=None, ge=0, description="Wall time of the final attempt.")
+    peak_memory_bytes: int | None = Field(default=None, ge=0, description="Peak accelerator (or CPU resident) memory of rank 0.")
+    resumed_from_step: int | None = Field(
+        default=None, ge=0, description="Step of the checkpoint the final attempt resumed from; absent when it trained from the start."
+    )
+
+
+class TerminationMessage(ApiModel):
+    """The trainer's last word, read by the operator when the pod ends."""
+
+    status: Literal["Succeeded", "Failed"] = Field(description="How the run ended.")
+    reason: str = Field(max_length=64, description="CamelCase reason (one of exitcodes.REASONS).")
+    message: str | None = Field(default=None, description="What went wrong and what to do; credentials redacted.")
+    exit_code: int = Field(default=0, ge=0, le=255, description="The process exit code.")
+    result: TrainingResult | None = Field(default=None, description="The published adapter, when the run succeeded.")
+    last_checkpoint: CheckpointRef | None = Field(default=None, description="The newest complete checkpoint of the run.")
+
+    @classmethod
+    def succeeded(cls, result: TrainingResult | None, last_checkpoint: CheckpointRef | None) -> TerminationMessage:
+        return cls(status="Succeeded", reason=REASONS[ExitCode.SUCCESS], result=result, last_checkpoint=last_checkpoint)
+
+    @classmethod
+    def failed(cls, code: ExitCode, message: str, last_checkpoint: CheckpointRef | None) -> TerminationMessage:
+        return cls(status="Failed", reason=REASONS[code], message=message, exit_code=int(code), last_checkpoint=last_checkpoint)
+
+    def encode(self) -> bytes:
+        """Compact camelCase JSON within MAX_BYTES, shortening the free-text message if needed."""
+        data = self.model_dump_json(by_alias=True, exclude_none=True).encode()
+        text = self.message or ""
+        while len(data) > MAX_BYTES and len(text) > 3:
+            text = text[: max(0, len(text) - (len(data) - MAX_BYTES) - 16)] + "..."
+            data = self.model_copy(update={"message": text}).model_dump_json(by_alias=True, exclude_none=True).encode()
+        return data
+
+    @classmethod
+    def decode(cls, text: str) -> TerminationMessage | None:
+        """The message a trainer wrote, or None for anything else (a log tail the kubelet fell back to)."""
+        try:
+            return cls.model_validate_json(text)
+        except (ValidationError, ValueError):
+            return None
