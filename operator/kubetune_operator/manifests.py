@@ -12,7 +12,18 @@ import yaml
 
 from kubetune_api.exitcodes import NON_RETRIABLE
 from kubetune_api.recipe import TrainingRecipe
-from kubetune_api.runtime import RuntimeConfig, TrainerConfig
+from kubetune_api.runtime import (
+    CONFIG_DIR,
+    CONFIG_FILE,
+    CONFIG_PATH,
+    MODELS_DIR,
+    RENDEZVOUS_PORT,
+    TERMINATION_MESSAGE_PATH,
+    WORK_DIR,
+    RuntimeConfig,
+    TrainerConfig,
+    env_name,
+)
 from kubetune_operator.api import API_VERSION, KIND, FinetuneJob
 from kubetune_operator.settings import OperatorSettings
 
@@ -22,12 +33,6 @@ YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 Manifest = dict[str, Any]
 
 CONTAINER_NAME = "trainer"
-CONFIG_KEY = "config.yaml"
-CONFIG_DIR = "/etc/kubetune"
-WORK_DIR = "/var/lib/kubetune"
-MODELS_DIR = "/models"
-TERMINATION_MESSAGE_PATH = "/dev/termination-log"
-RENDEZVOUS_PORT = 29500
 RUN_AS_USER = 1000
 
 LABEL_NAME = "app.kubernetes.io/name"
@@ -86,12 +91,16 @@ def _metadata(job: FinetuneJob, name: str, extra_labels: dict[str, str] | None =
 def trainer_config(job: FinetuneJob, settings: OperatorSettings) -> TrainerConfig:
     """The trainer's input: the spec's recipe fields plus how the operator runs it."""
     spec = job.spec
+    name = job.metadata.name
     recipe = spec.model_dump(include=set(TrainingRecipe.model_fields))
     runtime = RuntimeConfig(
         namespace=job.metadata.namespace,
-        job_name=job.metadata.name,
+        job_name=name,
         gpus_per_node=spec.resources.gpus,
         nodes=spec.resources.nodes,
+        # The pod of completion index 0, by its stable name under the headless Service.
+        rendezvous_host=f"{job_name(name)}-0.{service_name(name)}" if spec.resources.nodes > 1 else "127.0.0.1",
+        rendezvous_port=RENDEZVOUS_PORT,
         metrics_port=settings.trainer_metrics_port,
         work_dir=WORK_DIR,
         termination_message_path=TERMINATION_MESSAGE_PATH,
@@ -106,7 +115,7 @@ def build_config_map(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, config_map_name(job.metadata.name)),
-        "data": {CONFIG_KEY: text},
+        "data": {CONFIG_FILE: text},
     }
 
 
@@ -141,37 +150,25 @@ def _secret_env(name: str, secret: str, key: str) -> Manifest:
 
 
 def _env(job: FinetuneJob) -> list[Manifest]:
+    """What the trainer reads through ``TrainerEnvironment``, plus what its libraries read. The topology is in the
+    ConfigMap, and the node rank is JOB_COMPLETION_INDEX, which the Job controller sets in Indexed Jobs."""
     spec = job.spec
-    resources = spec.resources
-    procs = max(resources.gpus, 1)
-    name = job.metadata.name
     env: list[Manifest] = [
-        _field_env("KUBETUNE_METRICS_HOST", "status.podIP"),
-        _field_env("KUBETUNE_POD_NAME", "metadata.name"),
-        _field_env("KUBETUNE_NAMESPACE", "metadata.namespace"),
+        _field_env(env_name("pod_ip"), "status.podIP"),
+        _field_env(env_name("pod_name"), "metadata.name"),
         {"name": "HOME", "value": WORK_DIR},
         {"name": "HF_HOME", "value": f"{WORK_DIR}/hf"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-        {"name": "NNODES", "value": str(resources.nodes)},
-        {"name": "NPROC_PER_NODE", "value": str(procs)},
-        {"name": "WORLD_SIZE", "value": str(resources.nodes * procs)},
-        {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
     ]
-    if resources.nodes > 1:
-        env.append({"name": "MASTER_ADDR", "value": f"{job_name(name)}-0.{service_name(name)}"})
-        env.append(_field_env("NODE_RANK", f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"))
-    else:
-        env.append({"name": "MASTER_ADDR", "value": "127.0.0.1"})
-        env.append({"name": "NODE_RANK", "value": "0"})
     if spec.model.cache_volume_claim:
-        env.append({"name": "HF_HUB_CACHE", "value": f"{MODELS_DIR}/hub"})
+        env.append({"name": env_name("hf_hub_cache"), "value": f"{MODELS_DIR}/hub"})
     credentials = spec.output.credentials_secret
     if credentials is not None:
-        env.append(_secret_env("AWS_ACCESS_KEY_ID", credentials.name, credentials.access_key_id_key))
-        env.append(_secret_env("AWS_SECRET_ACCESS_KEY", credentials.name, credentials.secret_access_key_key))
+        env.append(_secret_env(env_name("aws_access_key_id"), credentials.name, credentials.access_key_id_key))
+        env.append(_secret_env(env_name("aws_secret_access_key"), credentials.name, credentials.secret_access_key_key))
     token = spec.model.token_secret_ref
     if token is not None:
-        env.append(_secret_env("HF_TOKEN", token.name, token.key))
+        env.append(_secret_env(env_name("hf_token"), token.name, token.key))
     return env
 
 
@@ -227,7 +224,7 @@ def _container(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
         "image": job.spec.resources.image or settings.trainer_image,
         "imagePullPolicy": settings.trainer_pull_policy,
         "command": settings.trainer_command,
-        "args": ["--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
+        "args": ["--config", CONFIG_PATH],
         "env": _env(job),
         "ports": [{"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"}],
         "volumeMounts": mounts,

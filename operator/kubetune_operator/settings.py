@@ -8,7 +8,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from kubetune_trainer import __version__
+from kubetune_api import __version__
+from kubetune_api.runtime import METRICS_PORT
 
 DEFAULT_TRAINER_IMAGE = f"ghcr.io/kubetune/trainer:{__version__}"
 
@@ -26,7 +27,7 @@ class OperatorSettings(BaseSettings):
     trainer_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(default="IfNotPresent", description="imagePullPolicy of the trainer container.")
     operator_port: int = Field(default=8080, ge=1, le=65535, description="Port of the operator's /metrics, /healthz and /readyz server.")
     operator_host: str = Field(default="0.0.0.0", description="Bind address of the operator's metrics and health server.")
-    trainer_metrics_port: int = Field(default=9184, ge=1, le=65535, description="Port of the trainer's Prometheus endpoint.")
+    trainer_metrics_port: int = Field(default=METRICS_PORT, ge=1, le=65535, description="Port of the trainer's Prometheus endpoint.")
     peering: str = Field(default="", description="kopf peering object name; empty runs standalone (a single replica).")
     log_format: Literal["json", "text"] = Field(default="text", description="Log line format.")
     progress_interval_seconds: float = Field(default=5.0, gt=0, description="How often the progress of a running trainer is read.")
