@@ -1,7 +1,7 @@
 """Pure builders: a FinetuneJob in, the manifests of its children out (no I/O).
 
-Names and labels are deterministic, so creating a child twice answers 409 instead of making a
-duplicate, and the operator finds its children again after a restart.
+Names and labels are deterministic, so applying a child again makes no duplicate and the
+operator finds its children again after a restart.
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ def build_job(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
     name = job.metadata.name
     extra_labels = {LABEL_KUEUE_QUEUE: spec.queue_name} if spec.queue_name else None
     job_spec: Manifest = {
-        "backoffLimit": spec.backoff_limit,
+        **{field: value for field, value in spec.lifecycle().items() if value is not None},
         # Kueue admits a queued Job by unsuspending it, so such a Job always starts suspended.
         "suspend": spec.suspend or spec.queue_name is not None,
         "podFailurePolicy": pod_failure_policy(),
@@ -324,34 +324,27 @@ def build_job(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
     }
     if spec.resources.nodes > 1:
         job_spec.update({"completionMode": "Indexed", "completions": spec.resources.nodes, "parallelism": spec.resources.nodes})
-    if spec.active_deadline_seconds is not None:
-        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    if spec.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(job, job_name(name), extra_labels), "spec": job_spec}
 
 
-def lifecycle_patch(job: FinetuneJob) -> Manifest:
-    """Merge patch for the Job fields a FinetuneJob may change after creation (None deletes a field)."""
-    spec = job.spec
-    patch: Manifest = {
-        "backoffLimit": spec.backoff_limit,
-        "activeDeadlineSeconds": spec.active_deadline_seconds,
-        "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
-    }
-    # With Kueue, admission owns the Job's suspend field; writing it would fight Kueue.
-    if spec.queue_name is None:
-        patch["suspend"] = spec.suspend
-    return {"spec": patch}
+def job_update(job: FinetuneJob, current: Manifest | None = None) -> Manifest | None:
+    """Merge patch of an existing trainer Job's spec: the FinetuneJob's mutable fields (None removes one).
+
+    An existing Job gets no apply: an apply that leaves out fields its manager applied before removes them, which
+    fails on the immutable pod template and would reset a Kueue Job's suspend to false. Suspend is left out under
+    Kueue, which owns it once the Job exists. ``current`` (the Job's spec as observed): None when nothing differs.
+    """
+    fields = job.spec.lifecycle()
+    if job.spec.queue_name is not None:
+        del fields["suspend"]
+    if current is not None and all(_same(field, current.get(field), wanted) for field, wanted in fields.items()):
+        return None
+    return fields
 
 
-def lifecycle_drift(job: FinetuneJob, job_spec: Manifest) -> bool:
-    """True when the trainer Job's lifecycle fields (`job_spec`, as observed) differ from what `job` asks."""
-    for field, wanted in lifecycle_patch(job)["spec"].items():
-        current = job_spec.get(field)
-        if (bool(current) != bool(wanted)) if field == "suspend" else (current != wanted):
-            return True
-    return False
+def _same(field: str, current: Any, wanted: Any) -> bool:
+    # The apiserver stores an unset suspend as false.
+    return bool(current) == bool(wanted) if field == "suspend" else current == wanted
 
 
 def build_children(job: FinetuneJob, settings: OperatorSettings) -> list[Manifest]:

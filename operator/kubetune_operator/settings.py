@@ -41,6 +41,9 @@ class OperatorSettings(BaseSettings):
         default_factory=list, description="Secrets with registry credentials for the trainer image (comma-separated in the environment)."
     )
     secret_retry_seconds: float = Field(default=10.0, gt=0, description="Delay between checks for a referenced Secret that does not exist yet.")
+    conflict_retry_seconds: float = Field(
+        default=10.0, gt=0, description="Delay between tries to create a child whose name is taken by an object this FinetuneJob does not own."
+    )
     scrape_timeout_seconds: float = Field(default=2.0, gt=0, description="Timeout of one read of a trainer's /metrics.")
     max_workers: int = Field(default=32, ge=1, le=256, description="Threads that run handlers; they block on API calls, so more threads hide API latency.")
     status_workers: int = Field(

@@ -26,6 +26,7 @@ from kubetune_operator.conditions import (
     REASON_GPU_RESOURCE_NOT_FOUND,
     REASON_INVALID_SPEC,
     REASON_JOB_CREATED,
+    REASON_NAME_TAKEN,
     REASON_WAITING_FOR_SECRET,
 )
 from kubetune_operator.progress import TrainerSample
@@ -43,6 +44,8 @@ class Observed:
     pods: list[Obj] = field(default_factory=list)
     sample: TrainerSample | None = None
     missing_secret: str | None = None
+    name_taken: str | None = None
+    """Why a child cannot be created: its name is taken by an object this FinetuneJob does not own."""
     gpu_resource_found: bool | None = None
 
 
@@ -101,6 +104,9 @@ def compute_status(spec: FinetuneJob, observed: Observed) -> Obj:
                 f'Secret "{observed.missing_secret}" not found in namespace {spec.metadata.namespace}: create it; the trainer Job is created once it exists'
             )
             verdict.set(CREATED, False, REASON_WAITING_FOR_SECRET, verdict.message)
+        elif observed.name_taken:
+            verdict.message = observed.name_taken
+            verdict.set(CREATED, False, REASON_NAME_TAKEN, verdict.message)
         else:
             verdict.message = "creating the trainer Job"
             verdict.set(CREATED, False, REASON_CREATING, verdict.message)

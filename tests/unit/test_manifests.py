@@ -11,7 +11,7 @@ from kubernetes.client import ApiClient, V1ConfigMap, V1Job, V1Service
 
 from kubetune_api.exitcodes import NON_RETRIABLE
 from kubetune_api.runtime import RuntimeConfig, TrainerConfig, TrainerEnvironment, env_name
-from kubetune_operator import manifests
+from kubetune_operator import api, manifests
 from kubetune_operator.api import FinetuneJob
 from kubetune_operator.settings import OperatorSettings
 
@@ -137,7 +137,8 @@ def test_kueue_job_is_labelled_and_created_suspended_and_suspend_is_left_to_kueu
     job = manifests.build_job(ftj, SETTINGS)
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-queue"
     assert job["spec"]["suspend"] is True
-    assert "suspend" not in manifests.lifecycle_patch(ftj)["spec"]
+    update = manifests.job_update(ftj)
+    assert update is not None and "suspend" not in update
 
 
 def test_suspend_and_lifecycle_fields_reach_the_job() -> None:
@@ -147,23 +148,31 @@ def test_suspend_and_lifecycle_fields_reach_the_job() -> None:
     assert job["spec"]["backoffLimit"] == 5
     assert job["spec"]["activeDeadlineSeconds"] == 7200
     assert job["spec"]["ttlSecondsAfterFinished"] == 600
-    assert manifests.lifecycle_patch(ftj) == {"spec": {"suspend": True, "backoffLimit": 5, "activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": 600}}
+    assert manifests.job_update(ftj) == {"suspend": True, "backoffLimit": 5, "activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": 600}
     # Unset limits are removed from the Job by the merge patch.
-    assert manifests.lifecycle_patch(make())["spec"]["activeDeadlineSeconds"] is None
+    assert (manifests.job_update(make()) or {})["activeDeadlineSeconds"] is None
 
 
-def test_lifecycle_drift_compares_the_job_as_built_and_as_changed() -> None:
+def test_a_changed_spec_is_found_by_comparing_with_the_job_as_built() -> None:
     """After an operator restart, a spec change made while it was down is found by comparing with the Job."""
     ftj = make(backoffLimit=5)
     built = manifests.build_job(ftj, SETTINGS)["spec"]
-    assert not manifests.lifecycle_drift(ftj, built)
-    assert not manifests.lifecycle_drift(ftj, {**built, "suspend": None})  # the apiserver's default is false
-    assert manifests.lifecycle_drift(make(backoffLimit=5, suspend=True), built)
-    assert manifests.lifecycle_drift(make(backoffLimit=5, activeDeadlineSeconds=600), built)
-    assert manifests.lifecycle_drift(ftj, {**built, "ttlSecondsAfterFinished": 60})
+    assert manifests.job_update(ftj, built) is None
+    assert manifests.job_update(ftj, {**built, "suspend": None}) is None  # the apiserver's default is false
+    assert manifests.job_update(make(backoffLimit=5, suspend=True), built) is not None
+    assert manifests.job_update(make(backoffLimit=5, activeDeadlineSeconds=600), built) is not None
+    assert manifests.job_update(ftj, {**built, "ttlSecondsAfterFinished": 60}) is not None
     # With Kueue the Job's suspend is Kueue's: a Job it admitted (suspend false) has not drifted.
     queued = make(queueName="team-a-queue")
-    assert not manifests.lifecycle_drift(queued, {**manifests.build_job(queued, SETTINGS)["spec"], "suspend": False})
+    assert manifests.job_update(queued, {**manifests.build_job(queued, SETTINGS)["spec"], "suspend": False}) is None
+
+
+def test_the_job_fields_a_finetunejob_may_change_are_the_mutable_spec_fields() -> None:
+    """One list, derived from the model: what the CRD lets change, what the Job is built with and what is re-applied."""
+    ftj = make(suspend=True, backoffLimit=5, activeDeadlineSeconds=7200, ttlSecondsAfterFinished=600)
+    job_spec = manifests.build_job(ftj, SETTINGS)["spec"]
+    assert set(manifests.job_update(ftj) or {}) == set(api.MUTABLE_FIELDS) == {"suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"}
+    assert {field: job_spec[field] for field in api.MUTABLE_FIELDS} == manifests.job_update(ftj)
 
 
 def test_scheduling_constraints_come_from_the_spec() -> None:
