@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 
-from localcluster import MissingBinariesError, locate_bin_dir
-from localcluster.apiserver import ApiServerOnly
+from localcluster import LocalCluster, MissingBinariesError, locate_bin_dir
 from tests.integration.harness import NAMESPACE, ControlPlane, Harness
 from tests.support.chart import RELEASE_NAMESPACE, ROOT, render
 
@@ -26,7 +25,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
         bin_dir = locate_bin_dir(build=False)
     except MissingBinariesError as missing:
         pytest.fail(str(missing))
-    server = ApiServerOnly(tmp_path_factory.mktemp("apiserver"), bin_dir)
+    server = LocalCluster(tmp_path_factory.mktemp("apiserver"), bin_dir, apiserver_only=True)
     server.start()
     try:
         admin = client.ApiClient(_configuration(server.kubeconfig))

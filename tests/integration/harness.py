@@ -172,6 +172,20 @@ class Harness:
         created: Obj = decoded(self.custom.create_namespaced_custom_object(api.GROUP, api.VERSION, NAMESPACE, api.PLURAL, body, _preload_content=False))
         return created
 
+    def created(self, name: str, **spec: Any) -> Obj:
+        """A new FinetuneJob that the operator has handled once: its children exist."""
+        body = self.create_finetunejob(name, **spec)
+        self.ensure(name)
+        return body
+
+    def running(self, name: str, **spec: Any) -> Obj:
+        """A new FinetuneJob whose trainer pod runs."""
+        body = self.created(name, **spec)
+        self.run_pod(name)
+        self.pod_changed(name)
+        assert self.status(name)["phase"] == "Running"
+        return body
+
     def finetunejob(self, name: str) -> Obj:
         found: Obj = decoded(self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, NAMESPACE, api.PLURAL, name, _preload_content=False))
         return found

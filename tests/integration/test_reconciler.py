@@ -17,8 +17,7 @@ CREDENTIALS = {"bucket": "adapters", "credentialsSecret": {"name": "s3-creds"}}
 
 
 def test_a_new_finetunejob_gets_its_children_by_server_side_apply(harness: Harness) -> None:
-    created = harness.create_finetunejob("fresh", resources={"gpus": 1, "nodes": 2})
-    harness.ensure("fresh")
+    created = harness.created("fresh", resources={"gpus": 1, "nodes": 2})
     uid = created["metadata"]["uid"]
     for kind, name in (("ConfigMap", "fresh-config"), ("Service", "fresh-trainer"), ("Job", "fresh-trainer")):
         child = harness.read(kind, name)
@@ -33,8 +32,7 @@ def test_a_new_finetunejob_gets_its_children_by_server_side_apply(harness: Harne
 
 
 def test_after_a_restart_an_owned_job_is_only_observed(harness: Harness) -> None:
-    harness.create_finetunejob("adopted")
-    harness.ensure("adopted")
+    harness.created("adopted")
     harness.job_changed("adopted")
     before = {kind: harness.read(kind, name) for kind, name in (("ConfigMap", "adopted-config"), ("Job", "adopted-trainer"))}
     status_version = harness.finetunejob("adopted")["metadata"]["resourceVersion"]
@@ -68,8 +66,7 @@ def test_a_users_config_map_of_the_same_name_is_refused_and_left_alone(harness: 
 def test_the_job_of_a_deleted_namesake_is_not_taken_over(harness: Harness) -> None:
     """A completed Job of an earlier FinetuneJob of this name, which the garbage collector has not removed yet: it
     was applied by the same field manager, so only the ownership check keeps the new FinetuneJob from adopting it."""
-    earlier = harness.create_finetunejob("again")
-    harness.ensure("again")
+    earlier = harness.created("again")
     harness.complete_job("again")
     harness.custom.delete_namespaced_custom_object("kubetune.io", "v1alpha1", NAMESPACE, "finetunejobs", "again")
     harness.restart()
@@ -90,11 +87,7 @@ def test_the_job_of_a_deleted_namesake_is_not_taken_over(harness: Harness) -> No
 
 
 def test_a_spec_change_while_running_reaches_the_job(harness: Harness) -> None:
-    harness.create_finetunejob("changed", activeDeadlineSeconds=7200)
-    harness.ensure("changed")
-    harness.run_pod("changed")
-    harness.pod_changed("changed")
-    assert harness.status("changed")["phase"] == "Running"
+    harness.running("changed", activeDeadlineSeconds=7200)
     harness.patch_spec("changed", backoffLimit=5, activeDeadlineSeconds=None, ttlSecondsAfterFinished=600)
     harness.spec_changed("changed", suspended_before=False)
     job = harness.job("changed")
@@ -105,8 +98,7 @@ def test_a_spec_change_while_running_reaches_the_job(harness: Harness) -> None:
 
 
 def test_a_spec_change_made_while_the_operator_was_down_reaches_the_job(harness: Harness) -> None:
-    harness.create_finetunejob("drifted", suspend=True)
-    harness.ensure("drifted")
+    harness.created("drifted", suspend=True)
     harness.restart()
     harness.patch_spec("drifted", suspend=False, backoffLimit=5)
     harness.ensure("drifted")
@@ -116,8 +108,7 @@ def test_a_spec_change_made_while_the_operator_was_down_reaches_the_job(harness:
 
 
 def test_suspend_and_resume_reach_the_job_with_their_events(harness: Harness) -> None:
-    harness.create_finetunejob("paused")
-    harness.ensure("paused")
+    harness.created("paused")
     harness.patch_spec("paused", suspend=True)
     harness.spec_changed("paused", suspended_before=False)
     assert (harness.job("paused") or {})["spec"]["suspend"] is True
@@ -131,8 +122,7 @@ def test_suspend_and_resume_reach_the_job_with_their_events(harness: Harness) ->
 
 
 def test_kueue_owns_suspend_once_the_job_exists(harness: Harness) -> None:
-    harness.create_finetunejob("queued", queueName="team-a")
-    harness.ensure("queued")
+    harness.created("queued", queueName="team-a")
     job = harness.job("queued")
     assert job is not None and job["spec"]["suspend"] is True and job["metadata"]["labels"][manifests.LABEL_KUEUE_QUEUE] == "team-a"
     # A change while Kueue still holds the Job back must not release it (an apply that left suspend out would).
@@ -166,8 +156,7 @@ def test_a_missing_secret_is_named_and_its_creation_lets_the_children_appear(har
 
 
 def test_a_job_removed_by_its_ttl_after_success_is_not_recreated(harness: Harness) -> None:
-    harness.create_finetunejob("finished", ttlSecondsAfterFinished=0)
-    harness.ensure("finished")
+    harness.created("finished", ttlSecondsAfterFinished=0)
     harness.complete_job("finished")
     harness.job_changed("finished")
     assert harness.status("finished")["phase"] == "Succeeded"
@@ -180,13 +169,9 @@ def test_a_job_removed_by_its_ttl_after_success_is_not_recreated(harness: Harnes
 
 
 def test_a_job_deleted_by_a_user_while_running_is_replaced(harness: Harness) -> None:
-    harness.create_finetunejob("replaced")
-    harness.ensure("replaced")
+    harness.running("replaced")
     first = harness.job("replaced")
     assert first is not None
-    harness.run_pod("replaced")
-    harness.pod_changed("replaced")
-    assert harness.status("replaced")["phase"] == "Running"
     harness.delete_job("replaced")
     harness.job_changed("replaced", deleted=True)
     second = only(harness.jobs("replaced"))
@@ -195,8 +180,7 @@ def test_a_job_deleted_by_a_user_while_running_is_replaced(harness: Harness) -> 
 
 
 def test_the_status_is_patched_only_when_it_changed(harness: Harness) -> None:
-    harness.create_finetunejob("quiet")
-    harness.ensure("quiet")
+    harness.created("quiet")
     harness.job_changed("quiet")
     version = harness.finetunejob("quiet")["metadata"]["resourceVersion"]
     assert harness.writes("patch", "finetunejobs/status") == 1
