@@ -39,6 +39,24 @@ class SecretsForbidden(Exception):
     """The operator may not read Secrets here (cluster-wide mode grants no Secret access)."""
 
 
+def _status(error: ApiException) -> Obj:
+    """The Status object an API error carries."""
+    try:
+        status: Obj = json.loads(error.body or "{}")
+    except ValueError:
+        return {}
+    return status
+
+
+def _invalid_fields(error: ApiException) -> set[str]:
+    """The fields a 422 names."""
+    return {str(cause.get("field")) for cause in _status(error).get("details", {}).get("causes") or []}
+
+
+def _message(error: ApiException) -> str:
+    return str(_status(error).get("message") or error.reason)
+
+
 def _decode(response: Any) -> Obj:
     data: Obj = json.loads(response.data)
     return data
@@ -87,15 +105,18 @@ class Kube:
             self.metrics.jobs_created.labels(namespace=meta["namespace"]).inc()
         return _decode(response)
 
-    def patch_job_spec(self, namespace: str, name: str, spec: Obj) -> bool:
-        """Merge-patch fields of a Job's spec (None removes one); False when the Job does not exist."""
+    def patch_job_spec(self, namespace: str, name: str, uid: str, spec: Obj) -> bool:
+        """Merge-patch fields of the Job with this uid (None removes a field); False when it no longer exists."""
+        body = {"metadata": {"uid": uid}, "spec": spec}
         try:
-            self.batch.patch_namespaced_job(name, namespace, {"spec": spec}, field_manager=FIELD_MANAGER, _content_type=MERGE_PATCH, _preload_content=False)
+            self.batch.patch_namespaced_job(name, namespace, body, field_manager=FIELD_MANAGER, _content_type=MERGE_PATCH, _preload_content=False)
         except ApiException as error:
             if error.status == 404:
                 return False
             if error.status == 422:
-                raise Rejected(str(error.reason)) from error
+                if _invalid_fields(error) == {"metadata.uid"}:
+                    return False  # another Job holds the name now
+                raise Rejected(_message(error)) from error
             raise
         self._wrote("patch", "job")
         return True

@@ -69,7 +69,7 @@ class OperatorMetrics:
         self.reconcile_errors = Counter("kubetune_operator_reconcile_errors", "Handler runs that failed, by kind of error.", ["kind"], registry=self.registry)
         self.jobs_created = Counter("kubetune_operator_jobs_created", "Trainer Jobs created.", ["namespace"], registry=self.registry)
         self.api_writes = Counter(
-            "kubetune_operator_api_writes", "Writes to the Kubernetes API made by the handlers.", ["verb", "resource"], registry=self.registry
+            "kubetune_operator_api_writes", "Writes to the Kubernetes API made by the operator.", ["verb", "resource"], registry=self.registry
         )
 
     def exposition(self) -> bytes:

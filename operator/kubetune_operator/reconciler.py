@@ -68,7 +68,7 @@ class Reconciler:
                 # Seen before this process started (kopf's state lives in memory): its Job is in place, and a spec
                 # change made meanwhile is found by comparing with the Job itself.
                 queued = ftj.spec.queue_name is not None
-                self._update_job(body, ftj, job["spec"], suspended_before=None if queued else bool(job["spec"].get("suspend")))
+                self._update_job(body, ftj, job, job["spec"], suspended_before=None if queued else bool(job["spec"].get("suspend")))
                 self.refresh(key, watched)
             elif finished(ftj):
                 self.refresh(key, watched)
@@ -83,8 +83,10 @@ class Reconciler:
                 ftj = parse(body)
             except ValidationError as error:
                 raise kopf.PermanentError(f"invalid spec: {short_errors(error)}") from error
-            # Not compared with the watched Job, which may not show this process's own last change yet.
-            self._update_job(body, ftj, None, suspended_before)
+            job = watched.own_job(key, ftj.metadata.uid) or self._read_own_job(ftj)
+            if job is not None:
+                # Not compared with the watched Job, which may not show this process's own last change yet.
+                self._update_job(body, ftj, job, None, suspended_before)
             self.refresh(key, watched)
 
     def finetunejob_seen(self, key: Key, body: Obj, deleted: bool) -> None:
@@ -149,20 +151,26 @@ class Reconciler:
                 self.kube.apply(child)
             elif child["kind"] == "Job":
                 # Ours, not in the watch yet. Its pod template is immutable: only the mutable fields can follow the spec.
-                self._update_job(body, ftj, existing.get("spec") or {}, suspended_before=None)
+                self._update_job(body, ftj, existing, existing.get("spec") or {}, suspended_before=None)
                 self.update(key, watched, job=slim_job(existing))
             else:
                 self.kube.apply(child, uid=existing["metadata"]["uid"])
 
-    def _update_job(self, body: Obj, ftj: api.FinetuneJob, current: Obj | None, suspended_before: bool | None) -> None:
-        """Merge-patch the trainer Job's mutable fields where ``current`` (its spec, None: not known) differs; post the
-        Event a suspend change calls for."""
+    def _read_own_job(self, ftj: api.FinetuneJob) -> Obj | None:
+        """The trainer Job as stored, when this FinetuneJob controls it (the watch may not show it yet)."""
+        wanted = {"kind": "Job", "metadata": {"name": manifests.job_name(ftj.metadata.name), "namespace": ftj.metadata.namespace}}
+        job = self.kube.read(wanted)
+        return job if job is not None and name_taken(ftj, wanted, job) is None else None
+
+    def _update_job(self, body: Obj, ftj: api.FinetuneJob, job: Obj, current: Obj | None, suspended_before: bool | None) -> None:
+        """Merge-patch the mutable fields of ``job`` (this FinetuneJob's) where ``current`` (its spec, None: not known)
+        differs; post the Event a suspend change calls for."""
         patch = manifests.job_update(ftj, current)
         if patch is None:
             return
         try:
-            if not self.kube.patch_job_spec(ftj.metadata.namespace, manifests.job_name(ftj.metadata.name), patch):
-                return  # no Job (yet): it is built from the spec as it is now
+            if not self.kube.patch_job_spec(ftj.metadata.namespace, manifests.job_name(ftj.metadata.name), job["metadata"]["uid"], patch):
+                return  # gone or replaced: a new Job is built from the spec as it is now
         except Rejected as error:
             self.kube.post_event(body, job_update_rejected(str(error)))
             return

@@ -76,6 +76,9 @@ def test_the_job_of_a_deleted_namesake_is_not_taken_over(harness: Harness) -> No
     old_job = harness.job("again")
     assert old_job is not None and old_job["metadata"]["ownerReferences"][0]["uid"] == earlier["metadata"]["uid"]
     assert harness.status("again")["phase"] == "Pending"
+    harness.patch_spec("again", backoffLimit=7)
+    harness.spec_changed("again", suspended_before=False)
+    assert (harness.job("again") or {})["metadata"]["resourceVersion"] == old_job["metadata"]["resourceVersion"]
     # The garbage collector removes the earlier run's children; the Job's deletion brings the new one.
     harness.delete_job("again")
     harness.core.delete_namespaced_config_map("again-config", NAMESPACE)
