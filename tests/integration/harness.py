@@ -97,16 +97,16 @@ class Harness:
 
     # ------------------------------------------------------------------ the operator process
 
-    def start(self) -> None:
+    def start(self, **settings: Any) -> None:
         """A fresh operator process: nothing remembered, as after a restart."""
         self.metrics = OperatorMetrics()
-        settings = OperatorSettings(status_workers=1, trainer_image="localhost/kubetune-trainer:test")
-        self.runtime = Runtime(settings=settings, metrics=self.metrics, health=Health())
+        operator_settings = OperatorSettings(status_workers=1, trainer_image="localhost/kubetune-trainer:test", **settings)
+        self.runtime = Runtime(settings=operator_settings, metrics=self.metrics, health=Health())
         self.reconciler = Reconciler(self.runtime, Kube(self.plane.operator, self.metrics, instance="integration-test"))
 
-    def restart(self) -> None:
+    def restart(self, **settings: Any) -> None:
         self.runtime.close()
-        self.start()
+        self.start(**settings)
 
     def close(self) -> None:
         self.runtime.close()

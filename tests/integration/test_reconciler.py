@@ -3,10 +3,17 @@ the garbage collector, Kueue and the user), driven as kopf's handlers drive it, 
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import threading
+from collections.abc import Iterator
+from typing import Any
+
 import kopf
 import pytest
 from kubernetes import client
 
+from kubetune_api.metrics import TrainerMetric
 from kubetune_operator import manifests
 from kubetune_operator.kube import FIELD_MANAGER
 from tests.integration.harness import NAMESPACE, Harness, managers_of, only
@@ -196,3 +203,36 @@ def test_the_status_is_patched_only_when_it_changed(harness: Harness) -> None:
     harness.pod_changed("quiet")
     assert harness.status("quiet")["phase"] == "Running"
     assert harness.writes("patch", "finetunejobs/status") == 2
+
+
+def test_a_running_trainers_progress_is_read_into_the_status(harness: Harness) -> None:
+    """The trainer's /metrics is a plain HTTP server on the pod's address (the pods here have 127.0.0.1)."""
+    text = "".join(f"{metric} {value}\n" for metric, value in ((TrainerMetric.STEP, 42), (TrainerMetric.TOTAL_STEPS, 100), (TrainerMetric.LOSS, 0.5)))
+    with serving(text.encode()) as port:
+        harness.restart(trainer_metrics_port=port)
+        harness.running("progressing")
+        harness.reconciler.read_progress((NAMESPACE, "progressing"))
+    progress = harness.status("progressing")["progress"]
+    assert (progress["step"], progress["totalSteps"], progress["percent"], progress["loss"]) == (42, 100, 42, 0.5)
+    assert harness.status("progressing")["progressText"] == "42%"
+
+
+@contextlib.contextmanager
+def serving(body: bytes) -> Iterator[int]:
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
