@@ -94,12 +94,16 @@ class Kube:
     def apply(self, manifest: Obj, uid: str | None = None) -> Obj:
         """Server-side apply of a child with the operator's field manager; with ``uid``, only onto that object.
 
-        The apiserver answers 409 when no object has that uid, and 422 when another object holds the name.
+        With ``uid`` the apiserver answers 409 when no object has it and 422 when another object holds the name, and
+        conflicts with other managers are overridden: the object is this FinetuneJob's. Without, the object is new,
+        and an object someone made since it was found absent answers 409 where it holds a field this sets.
         """
         _, patch = self._children[manifest["kind"]]
         meta = manifest["metadata"]
         body = manifest if uid is None else {**manifest, "metadata": {**meta, "uid": uid}}
-        response = patch(meta["name"], meta["namespace"], body, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY_PATCH, _preload_content=False)
+        response = patch(
+            meta["name"], meta["namespace"], body, field_manager=FIELD_MANAGER, force=uid is not None, _content_type=APPLY_PATCH, _preload_content=False
+        )
         self._wrote("apply", manifest["kind"].lower())
         if manifest["kind"] == "Job" and response.status == 201:
             self.metrics.jobs_created.labels(namespace=meta["namespace"]).inc()
