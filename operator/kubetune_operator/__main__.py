@@ -9,9 +9,11 @@ from kubernetes import client, config
 
 from kubetune_operator import api, manifests
 from kubetune_operator.handlers import register
+from kubetune_operator.kube import Kube
 from kubetune_operator.metrics import Health, MetricsServer, OperatorMetrics
 from kubetune_operator.persistence import HandledState, MemoryDiffBaseStorage, MemoryProgressStorage
-from kubetune_operator.runtime import Clients, Runtime
+from kubetune_operator.reconciler import Reconciler
+from kubetune_operator.runtime import Runtime
 from kubetune_operator.settings import OperatorSettings
 
 ANNOTATION_PREFIX = "kubetune.io"
@@ -52,8 +54,8 @@ def main() -> None:
     metrics = OperatorMetrics()
     health = Health()
     registry = kopf.OperatorRegistry()
-    runtime = Runtime(settings=settings, clients=Clients.from_api_client(kube_client(settings)), metrics=metrics, health=health)
-    register(registry, runtime)
+    runtime = Runtime(settings=settings, metrics=metrics, health=health)
+    register(registry, Reconciler(runtime, Kube(kube_client(settings), metrics)))
     server = MetricsServer(settings.operator_host, settings.operator_port, metrics, health)
     server.start()
     try:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, computed_field, model_validator
 from pydantic.config import JsonDict
+from pydantic.fields import FieldInfo
 
 from kubetune_api.messages import message
 from kubetune_api.recipe import RECIPE_RULES, Optimizer, Precision, TrainingRecipe
@@ -117,12 +118,22 @@ class ResourcesSpec(ApiModel):
     image: str | None = Field(default=None, max_length=1024, description="Trainer image to use instead of the operator's default.")
 
 
-IMMUTABLE_FIELDS = ("model", "dataset", "method", "lora", "quantization", "training", "output", "resources", "queueName")
-"""Spec fields that cannot change after creation; suspend and lifecycle limits may."""
+class Mutable:
+    """``Annotated`` marker of a spec field that may change after creation; every other spec field is immutable.
+
+    A mutable field is named like the trainer Job field it sets, so the operator re-applies it under the same name.
+    """
+
+
+MUTABLE = Mutable()
 
 
 def _unchanged(field: str) -> str:
     return f"(has(self.{field}) == has(oldSelf.{field})) && (!has(self.{field}) || self.{field} == oldSelf.{field})"
+
+
+def _spoken_list(names: list[str]) -> str:
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 HAS_GPUS = "(!has(self.resources) || !has(self.resources.gpus) || self.resources.gpus > 0)"
@@ -132,24 +143,39 @@ SPEC_RULES: list[JsonDict] = [
     *RECIPE_RULES,
     cel(f"{HAS_GPUS} || !has(self.training.precision) || self.training.precision != 'fp16'", message("training.fp16_cpu")),
     cel(f"{HAS_GPUS} || !has(self.training.optimizer) || !(self.training.optimizer in ['paged_adamw_8bit', 'paged_adamw'])", message("training.paged_cpu")),
-    cel(
-        " && ".join(_unchanged(f) for f in IMMUTABLE_FIELDS),
-        message("spec.immutable", mutable="suspend, backoffLimit, activeDeadlineSeconds and ttlSecondsAfterFinished"),
-        reason="FieldValueForbidden",
-    ),
 ]
+
+
+def _spec_schema(schema: JsonDict, model: type[Any]) -> None:
+    """The spec's CEL rules; the immutability rule is built from the model's fields, which exist only once it does."""
+    mutable, immutable = _aliases(model, True), _aliases(model, False)
+    immutability = cel(
+        " && ".join(_unchanged(f) for f in immutable),
+        message("spec.immutable", mutable=_spoken_list(mutable)),
+        reason="FieldValueForbidden",
+    )
+    schema.update(validations(*SPEC_RULES, immutability))
+
+
+def _aliases(model: type[Any], mutable: bool) -> list[str]:
+    fields: dict[str, FieldInfo] = model.model_fields
+    return [info.alias or name for name, info in fields.items() if (MUTABLE in info.metadata) is mutable]
 
 
 class FinetuneJobSpec(TrainingRecipe):
     """Desired state of a FinetuneJob: what to train, on what hardware, and its lifecycle."""
 
-    model_config = ConfigDict(json_schema_extra=validations(*SPEC_RULES))
+    model_config = ConfigDict(json_schema_extra=_spec_schema)
 
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Hardware and scheduling of the trainer pods.")
-    suspend: bool = Field(default=False, description="Pause the job: running trainer pods checkpoint and stop; unsuspend resumes from the checkpoint.")
-    backoff_limit: int = Field(default=3, ge=0, le=100, description="Retries of the trainer after runtime failures (configuration errors are never retried).")
-    active_deadline_seconds: int | None = Field(default=None, ge=60, description="Fail the job when it runs longer than this.")
-    ttl_seconds_after_finished: int | None = Field(
+    suspend: Annotated[bool, MUTABLE] = Field(
+        default=False, description="Pause the job: running trainer pods checkpoint and stop; unsuspend resumes from the checkpoint."
+    )
+    backoff_limit: Annotated[int, MUTABLE] = Field(
+        default=3, ge=0, le=100, description="Retries of the trainer after runtime failures (configuration errors are never retried)."
+    )
+    active_deadline_seconds: Annotated[int | None, MUTABLE] = Field(default=None, ge=60, description="Fail the job when it runs longer than this.")
+    ttl_seconds_after_finished: Annotated[int | None, MUTABLE] = Field(
         default=None, ge=0, description="Delete the finished trainer Job (not the FinetuneJob) after this many seconds."
     )
     queue_name: str | None = Field(
@@ -159,12 +185,20 @@ class FinetuneJobSpec(TrainingRecipe):
         description="Kueue LocalQueue to submit the trainer Job to; Kueue then decides when it starts.",
     )
 
+    def lifecycle(self) -> dict[str, Any]:
+        """The mutable fields by their (trainer Job) names; None where unset."""
+        return {info.alias or name: getattr(self, name) for name, info in type(self).model_fields.items() if MUTABLE in info.metadata}
+
     @model_validator(mode="after")
     def _check_hardware(self) -> FinetuneJobSpec:
         errors = spec_errors(self)
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+
+MUTABLE_FIELDS = tuple(_aliases(FinetuneJobSpec, True))
+"""Spec fields that may change after creation (and the trainer Job fields they set)."""
 
 
 def spec_errors(spec: FinetuneJobSpec) -> list[str]:

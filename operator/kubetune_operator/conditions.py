@@ -9,6 +9,7 @@ REASON_JOB_CREATED = "JobCreated"
 REASON_CREATING = "Creating"
 REASON_WAITING_FOR_SECRET = "WaitingForSecret"
 REASON_INVALID_SPEC = "InvalidSpec"
+REASON_NAME_TAKEN = "NameTaken"
 
 SCHEDULED = "Scheduled"
 REASON_POD_SCHEDULED = "PodScheduled"

@@ -11,6 +11,7 @@ WARNING_REASONS = frozenset(
     {
         st.REASON_UNSCHEDULABLE,
         st.REASON_WAITING_FOR_SECRET,
+        st.REASON_NAME_TAKEN,
         st.REASON_CREATE_CONTAINER_CONFIG_ERROR,
         st.REASON_IMAGE_PULL,
         st.REASON_OOM_KILLED,
@@ -19,6 +20,11 @@ WARNING_REASONS = frozenset(
     }
 )
 """Reasons of False conditions that point at something a user must look at."""
+
+REASON_SUSPENDING = "Suspending"
+REASON_RESUMING = "Resuming"
+REASON_SUSPEND_MANAGED_BY_KUEUE = "SuspendManagedByKueue"
+REASON_JOB_UPDATE_REJECTED = "JobUpdateRejected"
 
 
 @dataclass(frozen=True)
@@ -58,3 +64,19 @@ def transition_events(old: dict[str, Any] | None, new: dict[str, Any]) -> list[E
         if before.get(kind, ("", "", ""))[:2] != (status, reason):
             events.append(Event("Warning", reason, message or reason))
     return events
+
+
+def suspend_events(suspended_before: bool | None, suspend: bool, queued: bool) -> list[Event]:
+    """The Event for a change of spec.suspend (``suspended_before`` None: not known, so none); under Kueue, which
+    decides when a queued Job runs, the change does not reach the Job."""
+    if suspended_before is None or suspended_before == suspend:
+        return []
+    if queued:
+        return [Event("Normal", REASON_SUSPEND_MANAGED_BY_KUEUE, "the trainer Job is queued in Kueue, which decides when it runs")]
+    if suspend:
+        return [Event("Normal", REASON_SUSPENDING, "suspend requested")]
+    return [Event("Normal", REASON_RESUMING, "resuming from the newest checkpoint")]
+
+
+def job_update_rejected(reason: str) -> Event:
+    return Event("Warning", REASON_JOB_UPDATE_REJECTED, f"the trainer Job rejected the change: {reason}")

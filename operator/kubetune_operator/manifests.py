@@ -1,7 +1,7 @@
 """Pure builders: a FinetuneJob in, the manifests of its children out (no I/O).
 
-Names and labels are deterministic, so creating a child twice answers 409 instead of making a
-duplicate, and the operator finds its children again after a restart.
+Names and labels are deterministic, so applying a child again makes no duplicate and the
+operator finds its children again after a restart.
 """
 
 from __future__ import annotations
@@ -12,7 +12,18 @@ import yaml
 
 from kubetune_api.exitcodes import NON_RETRIABLE
 from kubetune_api.recipe import TrainingRecipe
-from kubetune_api.runtime import RuntimeConfig, TrainerConfig
+from kubetune_api.runtime import (
+    CONFIG_DIR,
+    CONFIG_FILE,
+    CONFIG_PATH,
+    MODELS_DIR,
+    RENDEZVOUS_PORT,
+    TERMINATION_MESSAGE_PATH,
+    WORK_DIR,
+    RuntimeConfig,
+    TrainerConfig,
+    env_name,
+)
 from kubetune_operator.api import API_VERSION, KIND, FinetuneJob
 from kubetune_operator.settings import OperatorSettings
 
@@ -22,12 +33,6 @@ YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 Manifest = dict[str, Any]
 
 CONTAINER_NAME = "trainer"
-CONFIG_KEY = "config.yaml"
-CONFIG_DIR = "/etc/kubetune"
-WORK_DIR = "/var/lib/kubetune"
-MODELS_DIR = "/models"
-TERMINATION_MESSAGE_PATH = "/dev/termination-log"
-RENDEZVOUS_PORT = 29500
 RUN_AS_USER = 1000
 
 LABEL_NAME = "app.kubernetes.io/name"
@@ -86,12 +91,16 @@ def _metadata(job: FinetuneJob, name: str, extra_labels: dict[str, str] | None =
 def trainer_config(job: FinetuneJob, settings: OperatorSettings) -> TrainerConfig:
     """The trainer's input: the spec's recipe fields plus how the operator runs it."""
     spec = job.spec
+    name = job.metadata.name
     recipe = spec.model_dump(include=set(TrainingRecipe.model_fields))
     runtime = RuntimeConfig(
         namespace=job.metadata.namespace,
-        job_name=job.metadata.name,
+        job_name=name,
         gpus_per_node=spec.resources.gpus,
         nodes=spec.resources.nodes,
+        # The pod of completion index 0, by its stable name under the headless Service.
+        rendezvous_host=f"{job_name(name)}-0.{service_name(name)}" if spec.resources.nodes > 1 else "127.0.0.1",
+        rendezvous_port=RENDEZVOUS_PORT,
         metrics_port=settings.trainer_metrics_port,
         work_dir=WORK_DIR,
         termination_message_path=TERMINATION_MESSAGE_PATH,
@@ -106,7 +115,7 @@ def build_config_map(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, config_map_name(job.metadata.name)),
-        "data": {CONFIG_KEY: text},
+        "data": {CONFIG_FILE: text},
     }
 
 
@@ -141,37 +150,25 @@ def _secret_env(name: str, secret: str, key: str) -> Manifest:
 
 
 def _env(job: FinetuneJob) -> list[Manifest]:
+    """What the trainer reads through ``TrainerEnvironment``, plus what its libraries read. The topology is in the
+    ConfigMap, and the node rank is JOB_COMPLETION_INDEX, which the Job controller sets in Indexed Jobs."""
     spec = job.spec
-    resources = spec.resources
-    procs = max(resources.gpus, 1)
-    name = job.metadata.name
     env: list[Manifest] = [
-        _field_env("KUBETUNE_METRICS_HOST", "status.podIP"),
-        _field_env("KUBETUNE_POD_NAME", "metadata.name"),
-        _field_env("KUBETUNE_NAMESPACE", "metadata.namespace"),
+        _field_env(env_name("pod_ip"), "status.podIP"),
+        _field_env(env_name("pod_name"), "metadata.name"),
         {"name": "HOME", "value": WORK_DIR},
         {"name": "HF_HOME", "value": f"{WORK_DIR}/hf"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-        {"name": "NNODES", "value": str(resources.nodes)},
-        {"name": "NPROC_PER_NODE", "value": str(procs)},
-        {"name": "WORLD_SIZE", "value": str(resources.nodes * procs)},
-        {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
     ]
-    if resources.nodes > 1:
-        env.append({"name": "MASTER_ADDR", "value": f"{job_name(name)}-0.{service_name(name)}"})
-        env.append(_field_env("NODE_RANK", f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"))
-    else:
-        env.append({"name": "MASTER_ADDR", "value": "127.0.0.1"})
-        env.append({"name": "NODE_RANK", "value": "0"})
     if spec.model.cache_volume_claim:
-        env.append({"name": "HF_HUB_CACHE", "value": f"{MODELS_DIR}/hub"})
+        env.append({"name": env_name("hf_hub_cache"), "value": f"{MODELS_DIR}/hub"})
     credentials = spec.output.credentials_secret
     if credentials is not None:
-        env.append(_secret_env("AWS_ACCESS_KEY_ID", credentials.name, credentials.access_key_id_key))
-        env.append(_secret_env("AWS_SECRET_ACCESS_KEY", credentials.name, credentials.secret_access_key_key))
+        env.append(_secret_env(env_name("aws_access_key_id"), credentials.name, credentials.access_key_id_key))
+        env.append(_secret_env(env_name("aws_secret_access_key"), credentials.name, credentials.secret_access_key_key))
     token = spec.model.token_secret_ref
     if token is not None:
-        env.append(_secret_env("HF_TOKEN", token.name, token.key))
+        env.append(_secret_env(env_name("hf_token"), token.name, token.key))
     return env
 
 
@@ -227,7 +224,7 @@ def _container(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
         "image": job.spec.resources.image or settings.trainer_image,
         "imagePullPolicy": settings.trainer_pull_policy,
         "command": settings.trainer_command,
-        "args": ["--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
+        "args": ["--config", CONFIG_PATH],
         "env": _env(job),
         "ports": [{"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"}],
         "volumeMounts": mounts,
@@ -313,7 +310,7 @@ def build_job(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
     name = job.metadata.name
     extra_labels = {LABEL_KUEUE_QUEUE: spec.queue_name} if spec.queue_name else None
     job_spec: Manifest = {
-        "backoffLimit": spec.backoff_limit,
+        **{field: value for field, value in spec.lifecycle().items() if value is not None},
         # Kueue admits a queued Job by unsuspending it, so such a Job always starts suspended.
         "suspend": spec.suspend or spec.queue_name is not None,
         "podFailurePolicy": pod_failure_policy(),
@@ -327,34 +324,27 @@ def build_job(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
     }
     if spec.resources.nodes > 1:
         job_spec.update({"completionMode": "Indexed", "completions": spec.resources.nodes, "parallelism": spec.resources.nodes})
-    if spec.active_deadline_seconds is not None:
-        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    if spec.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(job, job_name(name), extra_labels), "spec": job_spec}
 
 
-def lifecycle_patch(job: FinetuneJob) -> Manifest:
-    """Merge patch for the Job fields a FinetuneJob may change after creation (None deletes a field)."""
-    spec = job.spec
-    patch: Manifest = {
-        "backoffLimit": spec.backoff_limit,
-        "activeDeadlineSeconds": spec.active_deadline_seconds,
-        "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
-    }
-    # With Kueue, admission owns the Job's suspend field; writing it would fight Kueue.
-    if spec.queue_name is None:
-        patch["suspend"] = spec.suspend
-    return {"spec": patch}
+def job_update(job: FinetuneJob, current: Manifest | None = None) -> Manifest | None:
+    """Merge patch of an existing trainer Job's spec: the FinetuneJob's mutable fields (None removes one).
+
+    An existing Job gets no apply: an apply that leaves out fields its manager applied before removes them, which
+    fails on the immutable pod template and would reset a Kueue Job's suspend to false. Suspend is left out under
+    Kueue, which owns it once the Job exists. ``current`` (the Job's spec as observed): None when nothing differs.
+    """
+    fields = job.spec.lifecycle()
+    if job.spec.queue_name is not None:
+        del fields["suspend"]
+    if current is not None and all(_same(field, current.get(field), wanted) for field, wanted in fields.items()):
+        return None
+    return fields
 
 
-def lifecycle_drift(job: FinetuneJob, job_spec: Manifest) -> bool:
-    """True when the trainer Job's lifecycle fields (`job_spec`, as observed) differ from what `job` asks."""
-    for field, wanted in lifecycle_patch(job)["spec"].items():
-        current = job_spec.get(field)
-        if (bool(current) != bool(wanted)) if field == "suspend" else (current != wanted):
-            return True
-    return False
+def _same(field: str, current: Any, wanted: Any) -> bool:
+    # The apiserver stores an unset suspend as false.
+    return bool(current) == bool(wanted) if field == "suspend" else current == wanted
 
 
 def build_children(job: FinetuneJob, settings: OperatorSettings) -> list[Manifest]:

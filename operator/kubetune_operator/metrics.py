@@ -1,19 +1,25 @@
-"""Operator metrics and the /metrics, /healthz, /readyz HTTP server."""
+"""Operator metrics, and the /metrics, /healthz and /readyz endpoints: prometheus_client's WSGI app plus two probes."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 HEARTBEAT_STALE_SECONDS = 60.0
+HEARTBEAT_SECONDS = 5.0
+
+StartResponse = Callable[..., Any]
+WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
 class JobTable(Collector):
@@ -63,7 +69,7 @@ class OperatorMetrics:
         self.reconcile_errors = Counter("kubetune_operator_reconcile_errors", "Handler runs that failed, by kind of error.", ["kind"], registry=self.registry)
         self.jobs_created = Counter("kubetune_operator_jobs_created", "Trainer Jobs created.", ["namespace"], registry=self.registry)
         self.api_writes = Counter(
-            "kubetune_operator_api_writes", "Writes to the Kubernetes API made by the handlers.", ["verb", "resource"], registry=self.registry
+            "kubetune_operator_api_writes", "Writes to the Kubernetes API made by the operator.", ["verb", "resource"], registry=self.registry
         )
 
     def exposition(self) -> bytes:
@@ -83,48 +89,45 @@ class Health:
     def alive(self) -> bool:
         return time.monotonic() - self._beat < HEARTBEAT_STALE_SECONDS
 
+    async def keep_beating(self) -> None:
+        """Liveness: the event loop proves it still runs by beating every few seconds."""
+        while True:
+            self.beat()
+            await asyncio.sleep(HEARTBEAT_SECONDS)
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
 
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            self._reply(200, self.server.metrics.exposition(), CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
-            ok = self.server.health.alive()
-            self._reply(200 if ok else 503, b"ok\n" if ok else b"event loop stalled\n")
-        elif path == "/readyz":
-            ok = self.server.health.ready.is_set()
-            self._reply(200 if ok else 503, b"ok\n" if ok else b"starting\n")
-        else:
-            self._reply(404, b"not found\n")
-
-    def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
+class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Probes every few seconds would flood the log."""
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+def health_app(metrics: OperatorMetrics, health: Health) -> WsgiApp:
+    """/metrics (prometheus_client's own app), /healthz (the event loop beats) and /readyz (kopf has started)."""
+    exposition = make_wsgi_app(metrics.registry)
 
-    def __init__(self, address: tuple[str, int], metrics: OperatorMetrics, health: Health) -> None:
-        self.metrics = metrics
-        self.health = health
-        super().__init__(address, _Handler)
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            body: Iterable[bytes] = exposition(environ, start_response)
+            return body
+        if path == "/healthz":
+            ok, text = health.alive(), b"event loop stalled\n"
+        elif path == "/readyz":
+            ok, text = health.ready.is_set(), b"starting\n"
+        else:
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found\n"]
+        start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"ok\n" if ok else text]
+
+    return app
 
 
 class MetricsServer:
     """Serves /metrics, /healthz and /readyz on a background thread."""
 
     def __init__(self, host: str, port: int, metrics: OperatorMetrics, health: Health) -> None:
-        self._server = _Server((host, port), metrics, health)
+        self._server = make_server(host, port, health_app(metrics, health), server_class=ThreadingWSGIServer, handler_class=_QuietHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-server", daemon=True)
 
     @property

@@ -3,9 +3,9 @@
 kopf stores two things per object by default: the last handled spec (the base of the next diff)
 and each handler's progress, both as annotations, which costs one PATCH of every new FinetuneJob
 (and the watch event that PATCH echoes) right when a burst of creations is busiest. The children
-are created idempotently (409 adopts), so nothing here has to outlive the process: after a
+are found again by name and owner, so nothing here has to outlive the process: after a
 restart or a failover every FinetuneJob counts as new, ``ensure`` finds its Job and only
-observes, and lifecycle drift is compared against the Job itself.
+observes, and a spec change made meanwhile is found by comparing with the Job itself.
 
 Retries still work across watch events: a handler that asks to be retried later is woken by
 kopf's "touch" annotation, the one write these storages make, and only on that path.

@@ -1,4 +1,4 @@
-"""What the handlers share: settings, API clients, metrics, and per-FinetuneJob write state."""
+"""What the reconciler shares across threads: settings, metrics, per-FinetuneJob write state and the status lane."""
 
 from __future__ import annotations
 
@@ -15,34 +15,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
-from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubetune_operator.metrics import Health, OperatorMetrics
 from kubetune_operator.persistence import HandledState
 from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.snapshots import Watched
 
 Obj = dict[str, Any]
 Key = tuple[str, str]
 
 
 @dataclass
-class Clients:
-    core: client.CoreV1Api
-    batch: client.BatchV1Api
-    custom: client.CustomObjectsApi
-
-    @classmethod
-    def from_api_client(cls, api_client: client.ApiClient) -> Clients:
-        return cls(client.CoreV1Api(api_client), client.BatchV1Api(api_client), client.CustomObjectsApi(api_client))
-
-
-@dataclass
 class Runtime:
-    """What the handlers share: settings, API clients, metrics, and per-FinetuneJob write state."""
+    """Settings, metrics, and per-FinetuneJob write state, shared by the handler threads and the status lane."""
 
     settings: OperatorSettings
-    clients: Clients
     metrics: OperatorMetrics
     health: Health
     _guard: threading.Lock = field(default_factory=threading.Lock)
@@ -55,8 +43,17 @@ class Runtime:
     # kopf's per-object handling state (last handled spec, handler progress), kept in memory.
     handled: HandledState = field(default_factory=HandledState)
     # kopf's live index views, kept from the first handler call for the progress ticker.
-    indexes: dict[str, Any] | None = None
+    watched: Watched | None = None
     _status_lane: ThreadPoolExecutor | None = None
+
+    def written(self, key: Key) -> Obj | None:
+        """The status last written for ``key`` by this process."""
+        with self._guard:
+            return self._written.get(key)
+
+    def remember(self, key: Key, status: Obj) -> None:
+        with self._guard:
+            self._written[key] = status
 
     def track(self, key: Key, running: bool) -> None:
         """Remember which FinetuneJobs have a running trainer, whose progress the ticker reads."""

@@ -8,7 +8,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from kubetune_trainer import __version__
+from kubetune_api import __version__
+from kubetune_api.runtime import METRICS_PORT
 
 DEFAULT_TRAINER_IMAGE = f"ghcr.io/kubetune/trainer:{__version__}"
 
@@ -26,7 +27,7 @@ class OperatorSettings(BaseSettings):
     trainer_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(default="IfNotPresent", description="imagePullPolicy of the trainer container.")
     operator_port: int = Field(default=8080, ge=1, le=65535, description="Port of the operator's /metrics, /healthz and /readyz server.")
     operator_host: str = Field(default="0.0.0.0", description="Bind address of the operator's metrics and health server.")
-    trainer_metrics_port: int = Field(default=9184, ge=1, le=65535, description="Port of the trainer's Prometheus endpoint.")
+    trainer_metrics_port: int = Field(default=METRICS_PORT, ge=1, le=65535, description="Port of the trainer's Prometheus endpoint.")
     peering: str = Field(default="", description="kopf peering object name; empty runs standalone (a single replica).")
     log_format: Literal["json", "text"] = Field(default="text", description="Log line format.")
     progress_interval_seconds: float = Field(default=5.0, gt=0, description="How often the progress of a running trainer is read.")
@@ -40,6 +41,9 @@ class OperatorSettings(BaseSettings):
         default_factory=list, description="Secrets with registry credentials for the trainer image (comma-separated in the environment)."
     )
     secret_retry_seconds: float = Field(default=10.0, gt=0, description="Delay between checks for a referenced Secret that does not exist yet.")
+    conflict_retry_seconds: float = Field(
+        default=10.0, gt=0, description="Delay between tries to create a child whose name is taken by an object this FinetuneJob does not own."
+    )
     scrape_timeout_seconds: float = Field(default=2.0, gt=0, description="Timeout of one read of a trainer's /metrics.")
     max_workers: int = Field(default=32, ge=1, le=256, description="Threads that run handlers; they block on API calls, so more threads hide API latency.")
     status_workers: int = Field(

@@ -1,4 +1,4 @@
-"""Slim copies of watched objects (what the status function reads) and body parsing helpers.
+"""Slim copies of watched objects (what the status function reads), the view over them, and body parsing helpers.
 
 kopf indexes keep one snapshot per object for the operator's lifetime; keeping only the
 fields the status function reads (no managedFields, no annotations) keeps memory flat.
@@ -6,7 +6,7 @@ fields the status function reads (no managedFields, no annotations) keeps memory
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import kopf
@@ -15,6 +15,9 @@ from pydantic import ValidationError
 from kubetune_operator import api, manifests
 
 Obj = dict[str, Any]
+Key = tuple[str, str]
+
+INDEX_IDS = ("finetunejobs", "trainer_jobs", "trainer_pods", "gpu_nodes")
 
 
 def slim_pod(body: kopf.Body) -> Obj:
@@ -26,6 +29,7 @@ def slim_pod(body: kopf.Body) -> Obj:
             "creationTimestamp": meta.get("creationTimestamp"),
             "annotations": {k: v for k, v in (meta.get("annotations") or {}).items() if k == manifests.COMPLETION_INDEX_ANNOTATION},
         },
+        "ownerUid": controller_uid(meta),
         "spec": {"nodeName": body.get("spec", {}).get("nodeName")},
         "status": {k: status.get(k) for k in ("phase", "reason", "message", "podIP", "conditions", "containerStatuses") if status.get(k) is not None},
     }
@@ -43,24 +47,69 @@ def slim_finetunejob(body: kopf.Body) -> Obj:
     }
 
 
-LIFECYCLE_FIELDS = ("suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished")
-"""The trainer Job's fields a FinetuneJob may change; kept in the index to notice drift after a restart."""
-
-
 def slim_job(body: kopf.Body | Obj) -> Obj:
+    """The Job's status and the fields a FinetuneJob may change (kept to notice drift after a restart)."""
     meta = body.get("metadata", {})
     return {
         "metadata": {"name": meta.get("name"), "uid": meta.get("uid"), "creationTimestamp": meta.get("creationTimestamp"), "ownerUid": controller_uid(meta)},
-        "spec": {field: (body.get("spec") or {}).get(field) for field in LIFECYCLE_FIELDS},
+        "spec": {field: (body.get("spec") or {}).get(field) for field in api.MUTABLE_FIELDS},
         "status": dict(body.get("status") or {}),
     }
 
 
-def controller_uid(meta: Any) -> str | None:
+def by_owner(namespace: str | None, labels: Mapping[str, str], slim: Obj) -> dict[Key, Obj] | None:
+    """Index entry of a child: under its FinetuneJob's key, from the label every child carries."""
+    owner = owner_name(labels)
+    return {(namespace or "", owner): slim} if owner else None
+
+
+def gpu_resources(name: str, status: Mapping[str, Any]) -> dict[str, str]:
+    """Index entry of a node: each extended resource it offers (some amount of), to its name."""
+    allocatable = status.get("allocatable") or {}
+    return {resource: name for resource, amount in allocatable.items() if "/" in resource and str(amount) not in ("0", "")}
+
+
+class Watched:
+    """What the watches hold, by FinetuneJob key: kopf's live indexes in the operator, the same shape built from
+    lists in tests. Reading costs no API call."""
+
+    def __init__(self, indexes: Mapping[str, Any]) -> None:
+        self._indexes = {name: indexes[name] for name in INDEX_IDS}
+
+    def _values(self, index: str, key: Any) -> Iterable[Obj]:
+        return self._indexes[index].get(key) or ()
+
+    def finetunejob(self, key: Key) -> Obj | None:
+        found: Obj | None = first(self._values("finetunejobs", key))
+        return found
+
+    def jobs(self, key: Key) -> list[Obj]:
+        return [dict(job) for job in self._values("trainer_jobs", key)]
+
+    def own_job(self, key: Key, uid: str) -> Obj | None:
+        """The trainer Job of this incarnation: a Job of a deleted namesake, still being collected, is not it."""
+        return next((job for job in self.jobs(key) if job["metadata"].get("ownerUid") == uid), None)
+
+    def pods(self, key: Key, job: Obj | None) -> list[Obj]:
+        """The pods of ``job`` (none without one): a namesake's pods carry the same FinetuneJob label."""
+        uid = (job or {}).get("metadata", {}).get("uid")
+        return [dict(pod) for pod in self._values("trainer_pods", key) if uid and pod.get("ownerUid") == uid]
+
+    def gpu_resource_found(self, resource: str) -> bool:
+        return resource in self._indexes["gpu_nodes"]
+
+
+def controller_owner(meta: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The owner reference marked controller, if any."""
     for owner in meta.get("ownerReferences") or []:
         if owner.get("controller"):
-            return str(owner.get("uid"))
+            return dict(owner)
     return None
+
+
+def controller_uid(meta: Mapping[str, Any]) -> str | None:
+    owner = controller_owner(meta)
+    return str(owner.get("uid")) if owner is not None else None
 
 
 def owner_name(labels: kopf.Labels) -> str | None:
@@ -77,24 +126,26 @@ def finished(ftj: api.FinetuneJob) -> bool:
     return ftj.status is not None and ftj.status.phase in (api.Phase.SUCCEEDED, api.Phase.FAILED)
 
 
-def raw_json(response: Any) -> Obj:
-    """Decode a raw (``_preload_content=False``) API response; skipping the client models is much cheaper."""
-    data: Obj = json.loads(response.data)
-    return data
-
-
 def parse(body: Obj | kopf.Body, written: Obj | None = None) -> api.FinetuneJob:
     """The FinetuneJob model of a body; the status we last wrote wins over the watched copy, which may lag."""
     status = written if written is not None else (body.get("status") or {})
     return api.FinetuneJob.from_body({**body, "status": status or None})
 
 
-def previous_status(body: kopf.Body) -> api.FinetuneJobStatus | None:
+def previous_status(body: Obj | kopf.Body) -> api.FinetuneJobStatus | None:
     raw = body.get("status") or {}
     try:
         return api.FinetuneJobStatus.model_validate(raw) if raw else None
     except ValidationError:
         return None
+
+
+def suspend_before(diff: Iterable[tuple[Any, ...]], current: bool) -> bool:
+    """spec.suspend before a spec change, from kopf's diff of the spec (paths relative to it, or from the root)."""
+    for _, path, old, _new in diff:
+        if tuple(path) in (("suspend",), ("spec", "suspend")):
+            return bool(old)
+    return current
 
 
 def short_errors(error: ValidationError) -> str:

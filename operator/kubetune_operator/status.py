@@ -13,8 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from kubetune_api import layout
-from kubetune_api.exitcodes import REASONS, ExitCode
-from kubetune_api.result import CheckpointRef, TerminationMessage
+from kubetune_api.result import CheckpointRef
 from kubetune_operator import manifests
 from kubetune_operator.api import Condition, FinetuneJob, FinetuneJobStatus, Phase, Progress, Result
 from kubetune_operator.conditions import (
@@ -22,44 +21,18 @@ from kubetune_operator.conditions import (
     CREATED,
     FAILED,
     GPU_RESOURCE_AVAILABLE,
-    INPUT_REASONS,
-    REASON_BACKOFF_LIMIT_EXCEEDED,
-    REASON_CREATE_CONTAINER_CONFIG_ERROR,
     REASON_CREATING,
-    REASON_DEADLINE_EXCEEDED,
-    REASON_FINISHING,
     REASON_GPU_RESOURCE_FOUND,
     REASON_GPU_RESOURCE_NOT_FOUND,
-    REASON_IMAGE_PULL,
     REASON_INVALID_SPEC,
     REASON_JOB_CREATED,
-    REASON_JOB_FAILED,
-    REASON_NO_POD,
-    REASON_NOT_FAILED,
-    REASON_NOT_FINISHED,
-    REASON_NOT_RUNNING,
-    REASON_NOT_SUSPENDED,
-    REASON_OOM_KILLED,
-    REASON_POD_SCHEDULED,
-    REASON_RETRYING,
-    REASON_STARTING,
-    REASON_SUCCEEDED,
-    REASON_SUSPENDED,
-    REASON_TRAINING,
-    REASON_UNSCHEDULABLE,
-    REASON_WAITING_FOR_ADMISSION,
+    REASON_NAME_TAKEN,
     REASON_WAITING_FOR_SECRET,
-    RUNNING,
-    SCHEDULED,
-    SUCCEEDED,
-    SUSPENDED,
-    TRAINER_REASONS,
 )
 from kubetune_operator.progress import TrainerSample
+from kubetune_operator.verdict import MAX_MESSAGE, Verdict, conditions_of, fill_negatives, job_phase, newest_first, termination_message
 
 Obj = dict[str, Any]
-
-MAX_MESSAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -71,207 +44,13 @@ class Observed:
     pods: list[Obj] = field(default_factory=list)
     sample: TrainerSample | None = None
     missing_secret: str | None = None
+    name_taken: str | None = None
+    """Why a child cannot be created: its name is taken by an object this FinetuneJob does not own."""
     gpu_resource_found: bool | None = None
 
 
-@dataclass
-class _Verdict:
-    phase: Phase
-    message: str
-    conditions: dict[str, tuple[bool, str, str]] = field(default_factory=dict)
-
-    def set(self, kind: str, status: bool, reason: str, message: str = "") -> None:
-        self.conditions[kind] = (status, reason, message[:MAX_MESSAGE])
-
-
-def _conditions_of(obj: Obj | None) -> dict[str, Obj]:
-    return {c.get("type", ""): c for c in ((obj or {}).get("status") or {}).get("conditions") or []}
-
-
-def _true(conditions: dict[str, Obj], kind: str) -> bool:
-    return conditions.get(kind, {}).get("status") == "True"
-
-
-def _trainer_state(pod: Obj) -> Obj:
-    for container in (pod.get("status") or {}).get("containerStatuses") or []:
-        if container.get("name") == manifests.CONTAINER_NAME:
-            return dict(container)
-    return {}
-
-
-def _terminated(pod: Obj) -> Obj | None:
-    terminated = (_trainer_state(pod).get("state") or {}).get("terminated")
-    return dict(terminated) if isinstance(terminated, dict) else None
-
-
-def termination_message(pod: Obj) -> TerminationMessage | None:
-    """The trainer's termination message, or None when the pod ended without writing one."""
-    terminated = _terminated(pod)
-    text = str((terminated or {}).get("message") or "").strip()
-    return TerminationMessage.decode(text) if text else None
-
-
-def _log_tail(pod: Obj) -> str:
-    """What the kubelet put in place of a termination message the trainer never wrote (its log tail)."""
-    text = str((_terminated(pod) or {}).get("message") or "").strip()
-    return "" if TerminationMessage.decode(text) is not None else text[-MAX_MESSAGE:]
-
-
-def _created(pod: Obj) -> str:
-    return str((pod.get("metadata") or {}).get("creationTimestamp") or "")
-
-
-def _rank(pod: Obj) -> int:
-    annotations = (pod.get("metadata") or {}).get("annotations") or {}
-    try:
-        return int(annotations.get(manifests.COMPLETION_INDEX_ANNOTATION, 0))
-    except ValueError:
-        return 0
-
-
-def _newest_first(pods: list[Obj]) -> list[Obj]:
-    return sorted(pods, key=lambda p: (_created(p), -_rank(p)), reverse=True)
-
-
-def _failure_reason(pod: Obj) -> tuple[str, str]:
-    """Reason and message of a failed trainer pod, from its exit and termination message."""
-    terminated = _terminated(pod) or {}
-    if terminated.get("reason") == "OOMKilled":
-        return REASON_OOM_KILLED, ""
-    message = termination_message(pod)
-    if message is not None and message.reason in TRAINER_REASONS:
-        return message.reason, message.message or ""
-    text = (message.message if message is not None else None) or _log_tail(pod)
-    code = terminated.get("exitCode")
-    if isinstance(code, int) and code in ExitCode._value2member_map_:
-        return REASONS[ExitCode(code)], text
-    pod_reason = (pod.get("status") or {}).get("reason")
-    return (str(pod_reason) if pod_reason else REASON_JOB_FAILED), text or str((pod.get("status") or {}).get("message") or "")
-
-
-def _oom_advice(spec: FinetuneJob) -> str:
-    memory = spec.spec.resources.memory or "unset (the namespace default)"
-    return (
-        f"the trainer exceeded its memory limit (spec.resources.memory={memory}); raise spec.resources.memory, "
-        "lower spec.training.perDeviceBatchSize or spec.dataset.maxSeqLength, or use method qlora"
-    )
-
-
-def _pending_reason(pod: Obj) -> tuple[str, str, str] | None:
-    """(condition type, reason, message) explaining why a pod does not run yet."""
-    pod_conditions = {c.get("type"): c for c in (pod.get("status") or {}).get("conditions") or []}
-    scheduled = pod_conditions.get("PodScheduled")
-    if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == REASON_UNSCHEDULABLE:
-        return SCHEDULED, REASON_UNSCHEDULABLE, str(scheduled.get("message") or "no node fits the trainer pod")
-    waiting = (_trainer_state(pod).get("state") or {}).get("waiting") or {}
-    reason = waiting.get("reason")
-    text = str(waiting.get("message") or "")
-    if reason == REASON_CREATE_CONTAINER_CONFIG_ERROR:
-        secret = _secret_in(text)
-        if secret:
-            return RUNNING, REASON_WAITING_FOR_SECRET, f'Secret "{secret}" not found: create it in this namespace; the trainer starts once it exists'
-        return RUNNING, REASON_CREATE_CONTAINER_CONFIG_ERROR, text
-    if reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName"):
-        return RUNNING, REASON_IMAGE_PULL, f"cannot pull the trainer image: {text}"
-    return None
-
-
-def _secret_in(text: str) -> str | None:
-    marker = 'secret "'
-    start = text.find(marker)
-    if start < 0:
-        return None
-    end = text.find('"', start + len(marker))
-    return text[start + len(marker) : end] if end > start else None
-
-
-def _job_phase(spec: FinetuneJob, observed: Observed, verdict: _Verdict) -> None:
-    job = observed.job or {}
-    job_conditions = _conditions_of(job)
-    pods = _newest_first(observed.pods)
-    failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
-    if _true(job_conditions, "Complete") or _true(job_conditions, "SuccessCriteriaMet"):
-        verdict.phase, verdict.message = Phase.SUCCEEDED, "training finished"
-        verdict.set(SUCCEEDED, True, REASON_SUCCEEDED, verdict.message)
-        return
-    failed = job_conditions.get("Failed") if _true(job_conditions, "Failed") else None
-    failed = failed or (job_conditions.get("FailureTarget") if _true(job_conditions, "FailureTarget") else None)
-    if failed is not None:
-        job_reason = str(failed.get("reason") or REASON_JOB_FAILED)
-        if job_reason == REASON_DEADLINE_EXCEEDED:
-            reason, message = job_reason, f"the run exceeded spec.activeDeadlineSeconds={spec.spec.active_deadline_seconds}; raise it or shorten the run"
-        elif failed_pods:
-            reason, message = _failure_reason(failed_pods[0])
-            if reason == REASON_OOM_KILLED:
-                message = _oom_advice(spec)
-            elif job_reason == REASON_BACKOFF_LIMIT_EXCEEDED and reason not in INPUT_REASONS:
-                # Retriable faults (RuntimeError, Interrupted, ...) only fail the job by running out of retries.
-                reason = REASON_BACKOFF_LIMIT_EXCEEDED
-            if job_reason == REASON_BACKOFF_LIMIT_EXCEEDED:
-                message = f"retried spec.backoffLimit={spec.spec.backoff_limit} times; last attempt: {message or reason}"
-        else:
-            reason, message = job_reason, str(failed.get("message") or "")
-        verdict.phase, verdict.message = Phase.FAILED, message or reason
-        verdict.set(FAILED, True, reason if reason.isidentifier() else REASON_JOB_FAILED, verdict.message)
-        return
-    if (job.get("spec") or {}).get("suspend"):
-        waiting = spec.spec.queue_name is not None and not spec.spec.suspend
-        active = int((job.get("status") or {}).get("active") or 0)
-        if waiting:
-            verdict.phase, verdict.message = Phase.PENDING, f"waiting for Kueue to admit the trainer Job in queue {spec.spec.queue_name}"
-            verdict.set(SUSPENDED, True, REASON_WAITING_FOR_ADMISSION, verdict.message)
-        else:
-            verdict.phase = Phase.SUSPENDED
-            verdict.message = "suspended: trainer pods are checkpointing and stopping" if active else "suspended; set spec.suspend to false to resume"
-            verdict.set(SUSPENDED, True, REASON_SUSPENDED, verdict.message)
-        return
-    _pod_phase(spec, pods, failed_pods, verdict)
-
-
-def _pod_phase(spec: FinetuneJob, pods: list[Obj], failed_pods: list[Obj], verdict: _Verdict) -> None:
-    live = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running", "Unknown", None)]
-    running = [p for p in live if "running" in (_trainer_state(p).get("state") or {})]
-    if live and len(running) == len(live):
-        verdict.phase, verdict.message = Phase.RUNNING, "training"
-        verdict.set(SCHEDULED, True, REASON_POD_SCHEDULED)
-        verdict.set(RUNNING, True, REASON_TRAINING, verdict.message)
-        return
-    if not live and any((p.get("status") or {}).get("phase") == "Succeeded" for p in pods):
-        # The trainer exited 0 and the Job controller has not marked the Job Complete yet: still Running, never
-        # back to Pending on the way to Succeeded.
-        verdict.phase, verdict.message = Phase.RUNNING, "the trainer finished; waiting for the Job to complete"
-        verdict.set(SCHEDULED, True, REASON_POD_SCHEDULED)
-        verdict.set(RUNNING, True, REASON_FINISHING, verdict.message)
-        return
-    verdict.phase = Phase.PENDING
-    for pod in live:
-        explained = _pending_reason(pod)
-        if explained is not None:
-            kind, reason, message = explained
-            if kind == RUNNING:
-                verdict.set(SCHEDULED, True, REASON_POD_SCHEDULED)
-            verdict.set(kind, False, reason, message)
-            verdict.message = message
-            return
-    if live:
-        scheduled = all((p.get("spec") or {}).get("nodeName") for p in live)
-        verdict.set(SCHEDULED, scheduled, REASON_POD_SCHEDULED if scheduled else REASON_NO_POD)
-        verdict.message = "the trainer is starting" if scheduled else "waiting for the scheduler"
-        verdict.set(RUNNING, False, REASON_STARTING, verdict.message)
-        return
-    if failed_pods:
-        reason, message = _failure_reason(failed_pods[0])
-        if reason == REASON_OOM_KILLED:
-            message = _oom_advice(spec)
-        verdict.message = f"attempt failed ({reason}), retrying from the newest checkpoint: {message}".rstrip(": ")
-        verdict.set(RUNNING, False, REASON_RETRYING if reason not in (REASON_OOM_KILLED,) else REASON_OOM_KILLED, verdict.message)
-        return
-    verdict.message = "waiting for the trainer pod to be created"
-    verdict.set(SCHEDULED, False, REASON_NO_POD, verdict.message)
-
-
 def _checkpoint(spec: FinetuneJob, observed: Observed, previous: FinetuneJobStatus | None) -> CheckpointRef | None:
-    for pod in _newest_first(observed.pods):
+    for pod in newest_first(observed.pods):
         message = termination_message(pod)
         if message is not None and message.last_checkpoint is not None:
             return message.last_checkpoint
@@ -284,7 +63,7 @@ def _checkpoint(spec: FinetuneJob, observed: Observed, previous: FinetuneJobStat
 
 
 def _result(observed: Observed) -> Result | None:
-    for pod in _newest_first(observed.pods):
+    for pod in newest_first(observed.pods):
         message = termination_message(pod)
         if message is not None and message.status == "Succeeded" and message.result is not None:
             return Result.model_validate(message.result.model_dump())
@@ -298,7 +77,7 @@ def _attempts(spec: FinetuneJob, observed: Observed) -> int:
     return math.ceil(pods / spec.spec.resources.nodes)
 
 
-def _merge_conditions(verdict: _Verdict, previous: FinetuneJobStatus | None, generation: int, now: datetime) -> list[Condition]:
+def _merge_conditions(verdict: Verdict, previous: FinetuneJobStatus | None, generation: int, now: datetime) -> list[Condition]:
     before = {c.type: c for c in (previous.conditions if previous else [])}
     merged: list[Condition] = []
     for kind in CONDITION_ORDER:
@@ -318,20 +97,23 @@ def compute_status(spec: FinetuneJob, observed: Observed) -> Obj:
     if observed.job is None and previous is not None and previous.phase in (Phase.SUCCEEDED, Phase.FAILED):
         # The finished Job was removed (ttlSecondsAfterFinished): the recorded outcome stays.
         return status_to_api(previous)
-    verdict = _Verdict(phase=Phase.PENDING, message="")
+    verdict = Verdict(phase=Phase.PENDING, message="")
     if observed.job is None:
         if observed.missing_secret:
             verdict.message = (
                 f'Secret "{observed.missing_secret}" not found in namespace {spec.metadata.namespace}: create it; the trainer Job is created once it exists'
             )
             verdict.set(CREATED, False, REASON_WAITING_FOR_SECRET, verdict.message)
+        elif observed.name_taken:
+            verdict.message = observed.name_taken
+            verdict.set(CREATED, False, REASON_NAME_TAKEN, verdict.message)
         else:
             verdict.message = "creating the trainer Job"
             verdict.set(CREATED, False, REASON_CREATING, verdict.message)
     else:
         verdict.set(CREATED, True, REASON_JOB_CREATED, f"trainer Job {manifests.job_name(spec.metadata.name)} created")
-        _job_phase(spec, observed, verdict)
-    _fill_negatives(verdict)
+        job_phase(spec, observed.job, newest_first(observed.pods), verdict)
+    fill_negatives(verdict)
     if spec.spec.resources.gpus > 0 and observed.gpu_resource_found is not None:
         name = spec.spec.resources.gpu_resource_name
         if observed.gpu_resource_found:
@@ -346,7 +128,7 @@ def compute_status(spec: FinetuneJob, observed: Observed) -> Obj:
     job_status = (observed.job or {}).get("status") or {}
     completion = job_status.get("completionTime")
     if verdict.phase is Phase.FAILED and not completion:
-        failed = _conditions_of(observed.job).get("Failed") or {}
+        failed = conditions_of(observed.job).get("Failed") or {}
         completion = failed.get("lastTransitionTime")
     status = FinetuneJobStatus(
         phase=verdict.phase,
@@ -362,20 +144,6 @@ def compute_status(spec: FinetuneJob, observed: Observed) -> Obj:
         message=verdict.message[:MAX_MESSAGE] or None,
     )
     return status_to_api(status)
-
-
-def _fill_negatives(verdict: _Verdict) -> None:
-    """Every lifecycle condition is present, False when it does not hold."""
-    defaults = {
-        RUNNING: REASON_NOT_RUNNING,
-        SUCCEEDED: REASON_NOT_FINISHED,
-        FAILED: REASON_NOT_FAILED,
-        SUSPENDED: REASON_NOT_SUSPENDED,
-    }
-    if verdict.phase in (Phase.SUCCEEDED, Phase.FAILED):
-        verdict.conditions[RUNNING] = (False, REASON_NOT_RUNNING, "")
-    for kind, reason in defaults.items():
-        verdict.conditions.setdefault(kind, (False, reason, ""))
 
 
 def _progress(phase: Phase, observed: Observed, previous: FinetuneJobStatus | None, result: Result | None) -> Progress | None:
@@ -398,10 +166,10 @@ def _progress(phase: Phase, observed: Observed, previous: FinetuneJobStatus | No
 
 def invalid_spec_status(message: str, generation: int, previous: FinetuneJobStatus | None, now: datetime) -> Obj:
     """Status of a FinetuneJob whose spec the apiserver accepted but the API model rejects."""
-    verdict = _Verdict(phase=Phase.FAILED, message=f"invalid spec: {message}"[:MAX_MESSAGE])
+    verdict = Verdict(phase=Phase.FAILED, message=f"invalid spec: {message}"[:MAX_MESSAGE])
     verdict.set(CREATED, False, REASON_INVALID_SPEC, verdict.message)
     verdict.set(FAILED, True, REASON_INVALID_SPEC, verdict.message)
-    _fill_negatives(verdict)
+    fill_negatives(verdict)
     status = FinetuneJobStatus(
         phase=Phase.FAILED,
         conditions=_merge_conditions(verdict, previous, generation, now),

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from pydantic import BaseModel, Field
 
-from kubetune_operator import crdgen
+from kubetune_api.messages import message
+from kubetune_operator import api, crdgen
 
 pytestmark = pytest.mark.unit
 
@@ -122,3 +123,13 @@ def test_post_processor_refuses_real_unions() -> None:
 
     with pytest.raises(ValueError, match="anyOf"):
         crdgen.to_structural(Union_.model_json_schema())
+
+
+def test_the_immutability_rule_covers_every_spec_field_but_the_mutable_ones() -> None:
+    """Derived from the model: a new spec field is immutable unless it is marked mutable."""
+    spec = load_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    (rule,) = [r for r in spec["x-kubernetes-validations"] if r.get("reason") == "FieldValueForbidden"]
+    guarded = {name for name in spec["properties"] if f"self.{name} == oldSelf.{name}" in rule["rule"]}
+    assert guarded == set(spec["properties"]) - set(api.MUTABLE_FIELDS)
+    assert set(api.MUTABLE_FIELDS) == {"suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"}
+    assert rule["message"] == message("spec.immutable", mutable="suspend, backoffLimit, activeDeadlineSeconds and ttlSecondsAfterFinished")

@@ -1,4 +1,4 @@
-"""Layering: the operator never loads torch, the trainer never loads kopf, the shared contract loads neither."""
+"""Layering: the operator never loads torch or the trainer, the trainer never loads kopf, the shared contract loads neither."""
 
 from __future__ import annotations
 
@@ -32,6 +32,14 @@ def test_operator_never_imports_torch() -> None:
     loaded = modules_loaded_after_importing("kubetune_operator")
     assert "kubetune_operator" in loaded
     assert not loaded & {"torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets"}
+
+
+def test_operator_never_imports_the_trainer() -> None:
+    """What both sides share comes from the contract package; the operator image need not ship the trainer."""
+    loaded = modules_loaded_after_importing("kubetune_operator", only=("kubetune_operator.__main__",))
+    loaded |= modules_loaded_after_importing("kubetune_operator")
+    assert "kubetune_api" in loaded
+    assert "kubetune_trainer" not in loaded
 
 
 def test_trainer_never_imports_kopf() -> None:

@@ -10,8 +10,8 @@ import yaml
 from kubernetes.client import ApiClient, V1ConfigMap, V1Job, V1Service
 
 from kubetune_api.exitcodes import NON_RETRIABLE
-from kubetune_api.runtime import TrainerConfig
-from kubetune_operator import manifests
+from kubetune_api.runtime import RuntimeConfig, TrainerConfig, TrainerEnvironment, env_name
+from kubetune_operator import api, manifests
 from kubetune_operator.api import FinetuneJob
 from kubetune_operator.settings import OperatorSettings
 
@@ -54,6 +54,15 @@ def env_of(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 SETTINGS = OperatorSettings()
 
+TOPOLOGY_ENV = {"NNODES", "NPROC_PER_NODE", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "KUBETUNE_NAMESPACE"}
+"""Variables that used to carry the topology; it is sent once, in the ConfigMap's runtime config."""
+
+
+def runtime_of(ftj: FinetuneJob, settings: OperatorSettings = SETTINGS) -> RuntimeConfig:
+    """The runtime config the trainer reads from the job's ConfigMap."""
+    config_map = manifests.build_config_map(ftj, settings)
+    return TrainerConfig.model_validate(yaml.safe_load(config_map["data"]["config.yaml"])).runtime
+
 
 def round_trip(manifest: dict[str, Any], model: type[V1Job] | type[V1ConfigMap] | type[V1Service]) -> dict[str, Any]:
     """Deserialize into the Kubernetes client's typed model and back: unknown or mistyped fields do not survive."""
@@ -68,8 +77,9 @@ def test_single_gpu_job_requests_the_gpu_and_tolerates_its_taint() -> None:
     assert job["metadata"]["namespace"] == "team-a"
     assert container(job)["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec(job)["tolerations"]
-    assert env_of(job)["NPROC_PER_NODE"]["value"] == "1"
-    assert env_of(job)["NODE_RANK"]["value"] == "0"
+    runtime = runtime_of(make())
+    assert (runtime.nodes, runtime.processes_per_node, runtime.rendezvous_host) == (1, 1, "127.0.0.1")
+    assert not TOPOLOGY_ENV & set(env_of(job))
     assert "completionMode" not in job["spec"]
     assert pod_spec(job)["restartPolicy"] == "Never"
     assert job["spec"]["suspend"] is False
@@ -81,8 +91,9 @@ def test_multi_gpu_job_runs_one_process_per_gpu() -> None:
     limits = container(job)["resources"]["limits"]
     assert limits == {"amd.com/gpu": "4", "cpu": "16", "memory": "128Gi"}
     assert container(job)["resources"]["requests"] == limits
-    assert env_of(job)["NPROC_PER_NODE"]["value"] == "4"
-    assert env_of(job)["WORLD_SIZE"]["value"] == "4"
+    runtime = runtime_of(make(resources={"gpus": 4, "gpuResourceName": "amd.com/gpu", "cpu": "16", "memory": "128Gi"}))
+    assert runtime.processes_per_node == 4
+    assert runtime.world_size == 4
     assert pod_spec(job)["tolerations"][0] == {"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
@@ -98,12 +109,13 @@ def test_multi_node_job_is_indexed_with_a_headless_service_for_rendezvous() -> N
     assert service["spec"]["publishNotReadyAddresses"] is True
     pod_labels = job["spec"]["template"]["metadata"]["labels"]
     assert all(pod_labels[k] == v for k, v in service["spec"]["selector"].items())
-    env = env_of(job)
-    assert env["MASTER_ADDR"]["value"] == "llama-trainer-0.llama-trainer"
-    assert env["MASTER_PORT"]["value"] == "29500"
-    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-    assert env["NNODES"]["value"] == "3"
-    assert env["WORLD_SIZE"]["value"] == "24"
+    runtime = runtime_of(ftj)
+    assert runtime.rendezvous_host == "llama-trainer-0.llama-trainer"
+    assert runtime.rendezvous_port == 29500
+    # The node rank is JOB_COMPLETION_INDEX, which the Job controller itself sets in an Indexed Job's pods.
+    assert not TOPOLOGY_ENV & set(env_of(job)) and "JOB_COMPLETION_INDEX" not in env_of(job)
+    assert runtime.nodes == 3
+    assert runtime.world_size == 24
     assert [c["kind"] for c in manifests.build_children(ftj, SETTINGS)] == ["ConfigMap", "Service", "Job"]
 
 
@@ -117,7 +129,7 @@ def test_cpu_job_asks_for_no_gpu_and_adds_no_gpu_toleration() -> None:
     job = manifests.build_job(make(resources={"gpus": 0}), SETTINGS)
     assert "resources" not in container(job)
     assert "tolerations" not in pod_spec(job)
-    assert env_of(job)["NPROC_PER_NODE"]["value"] == "1"
+    assert runtime_of(make(resources={"gpus": 0})).processes_per_node == 1
 
 
 def test_kueue_job_is_labelled_and_created_suspended_and_suspend_is_left_to_kueue() -> None:
@@ -125,7 +137,8 @@ def test_kueue_job_is_labelled_and_created_suspended_and_suspend_is_left_to_kueu
     job = manifests.build_job(ftj, SETTINGS)
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-queue"
     assert job["spec"]["suspend"] is True
-    assert "suspend" not in manifests.lifecycle_patch(ftj)["spec"]
+    update = manifests.job_update(ftj)
+    assert update is not None and "suspend" not in update
 
 
 def test_suspend_and_lifecycle_fields_reach_the_job() -> None:
@@ -135,23 +148,31 @@ def test_suspend_and_lifecycle_fields_reach_the_job() -> None:
     assert job["spec"]["backoffLimit"] == 5
     assert job["spec"]["activeDeadlineSeconds"] == 7200
     assert job["spec"]["ttlSecondsAfterFinished"] == 600
-    assert manifests.lifecycle_patch(ftj) == {"spec": {"suspend": True, "backoffLimit": 5, "activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": 600}}
+    assert manifests.job_update(ftj) == {"suspend": True, "backoffLimit": 5, "activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": 600}
     # Unset limits are removed from the Job by the merge patch.
-    assert manifests.lifecycle_patch(make())["spec"]["activeDeadlineSeconds"] is None
+    assert (manifests.job_update(make()) or {})["activeDeadlineSeconds"] is None
 
 
-def test_lifecycle_drift_compares_the_job_as_built_and_as_changed() -> None:
+def test_a_changed_spec_is_found_by_comparing_with_the_job_as_built() -> None:
     """After an operator restart, a spec change made while it was down is found by comparing with the Job."""
     ftj = make(backoffLimit=5)
     built = manifests.build_job(ftj, SETTINGS)["spec"]
-    assert not manifests.lifecycle_drift(ftj, built)
-    assert not manifests.lifecycle_drift(ftj, {**built, "suspend": None})  # the apiserver's default is false
-    assert manifests.lifecycle_drift(make(backoffLimit=5, suspend=True), built)
-    assert manifests.lifecycle_drift(make(backoffLimit=5, activeDeadlineSeconds=600), built)
-    assert manifests.lifecycle_drift(ftj, {**built, "ttlSecondsAfterFinished": 60})
+    assert manifests.job_update(ftj, built) is None
+    assert manifests.job_update(ftj, {**built, "suspend": None}) is None  # the apiserver's default is false
+    assert manifests.job_update(make(backoffLimit=5, suspend=True), built) is not None
+    assert manifests.job_update(make(backoffLimit=5, activeDeadlineSeconds=600), built) is not None
+    assert manifests.job_update(ftj, {**built, "ttlSecondsAfterFinished": 60}) is not None
     # With Kueue the Job's suspend is Kueue's: a Job it admitted (suspend false) has not drifted.
     queued = make(queueName="team-a-queue")
-    assert not manifests.lifecycle_drift(queued, {**manifests.build_job(queued, SETTINGS)["spec"], "suspend": False})
+    assert manifests.job_update(queued, {**manifests.build_job(queued, SETTINGS)["spec"], "suspend": False}) is None
+
+
+def test_the_job_fields_a_finetunejob_may_change_are_the_mutable_spec_fields() -> None:
+    """One list, derived from the model: what the CRD lets change, what the Job is built with and what is re-applied."""
+    ftj = make(suspend=True, backoffLimit=5, activeDeadlineSeconds=7200, ttlSecondsAfterFinished=600)
+    job_spec = manifests.build_job(ftj, SETTINGS)["spec"]
+    assert set(manifests.job_update(ftj) or {}) == set(api.MUTABLE_FIELDS) == {"suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"}
+    assert {field: job_spec[field] for field in api.MUTABLE_FIELDS} == manifests.job_update(ftj)
 
 
 def test_scheduling_constraints_come_from_the_spec() -> None:
@@ -197,6 +218,15 @@ def test_credentials_only_via_secret_key_refs_and_never_in_the_config_map() -> N
     assert set(config_map) == {"apiVersion", "kind", "metadata", "data"}
 
 
+def test_every_variable_the_trainer_reads_is_named_by_its_environment_model() -> None:
+    ftj = make(model={"source": "x/y", "cacheVolumeClaim": "cache", "tokenSecretRef": {"name": "hf", "key": "token"}})
+    names = set(env_of(manifests.build_job(ftj, SETTINGS)))
+    ours = {env_name(field) for field in TrainerEnvironment.model_fields}
+    # HOME, HF_HOME and PYTHONUNBUFFERED are read by Python and the Hugging Face libraries, not by the trainer.
+    assert names - ours == {"HOME", "HF_HOME", "PYTHONUNBUFFERED"}
+    assert names & ours == {"KUBETUNE_POD_IP", "KUBETUNE_POD_NAME", "HF_HUB_CACHE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"}
+
+
 def test_without_secrets_no_credential_env_is_set() -> None:
     ftj = make(model={"source": "/models/tiny"}, output={"bucket": "adapters", "endpointUrl": "http://127.0.0.1:9000"})
     env = env_of(manifests.build_job(ftj, SETTINGS))
@@ -239,7 +269,7 @@ def test_pod_exposes_metrics_for_prometheus_and_the_pod_ip_to_the_trainer() -> N
     assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "9184"}
     assert {"name": "metrics", "containerPort": 9184, "protocol": "TCP"} in container(job)["ports"]
     env = env_of(job)
-    assert env["KUBETUNE_METRICS_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["KUBETUNE_POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert env["KUBETUNE_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["HF_HOME"]["value"] == "/var/lib/kubetune/hf"
 

@@ -6,12 +6,12 @@ import contextvars
 import functools
 import threading
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
 from kubetune_operator.metrics import Health, OperatorMetrics
-from kubetune_operator.runtime import Clients, Runtime
+from kubetune_operator.runtime import Runtime
 from kubetune_operator.settings import OperatorSettings
 
 pytestmark = pytest.mark.unit
@@ -28,7 +28,7 @@ def settle(runtime: Runtime) -> None:
 
 @pytest.fixture
 def runtime() -> Iterator[Runtime]:
-    lane = Runtime(settings=OperatorSettings(status_workers=1), clients=cast(Clients, None), metrics=OperatorMetrics(), health=Health())
+    lane = Runtime(settings=OperatorSettings(status_workers=1), metrics=OperatorMetrics(), health=Health())
     yield lane
     lane.close()
 

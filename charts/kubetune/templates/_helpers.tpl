@@ -84,6 +84,9 @@ app.kubernetes.io/managed-by: kubetune
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/status"]
   verbs: ["get", "patch", "update"]
+# Children are written by server-side apply, a patch for which the apiserver also checks create when the
+# apply creates the object; get reads a child's owner first. delete is what clusters that enforce
+# OwnerReferencesPermissionEnforcement require of whoever sets an object's ownerReferences.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "delete", "patch"]

@@ -58,6 +58,10 @@ class LocalCluster:
 
     With ``watchdog`` (the default) a watchdog process kills every component if this process dies
     without calling stop() (SIGKILL, OOM); `up` turns it off, since its cluster outlives the CLI.
+
+    With ``apiserver_only``, only etcd and kube-apiserver start (what controller-runtime's envtest gives a
+    Go operator): the real API, RBAC and admission, and no controller, scheduler or node that would change
+    an object behind a test that drives a controller in-process.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class LocalCluster:
         *,
         config: ClusterConfig | None = None,
         watchdog: bool = True,
+        apiserver_only: bool = False,
     ) -> None:
         if config is None:
             if workdir is None or bin_dir is None:
@@ -77,6 +82,7 @@ class LocalCluster:
         self._popens: dict[int, subprocess.Popen[bytes]] = {}
         self._api_url: str | None = None
         self._watchdog = Watchdog(config.workdir) if watchdog else None
+        self._apiserver_only = apiserver_only
 
     # ----- public properties -------------------------------------------------------
 
@@ -288,6 +294,9 @@ class LocalCluster:
         apiserver = self._spawn("kube-apiserver", components.apiserver_argv(config, ports, pki))
         admin_context = admin_ssl_context(pki.ca.cert, pki.admin.cert, pki.admin.key)
         wait_for("kube-apiserver /readyz", lambda: http_ok(f"{self.api_url}/readyz", admin_context), timeout, apiserver)
+        if self._apiserver_only:
+            self._write_state()
+            return
 
         loopback = loopback_ssl_context()
         kcm = self._spawn(

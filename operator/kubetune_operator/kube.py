@@ -1,0 +1,186 @@
+"""Every call the operator makes to the Kubernetes API: apply children, patch Jobs and status, read Secret keys,
+post Events. Each write is counted in kubetune_operator_api_writes_total.
+
+Responses are decoded from the raw body (``_preload_content=False``): building the client's models would cost
+more than the call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from kubetune_operator import api
+from kubetune_operator.events import Event
+from kubetune_operator.metrics import OperatorMetrics
+
+Obj = dict[str, Any]
+
+FIELD_MANAGER = "kubetune-operator"
+APPLY_PATCH = "application/apply-patch+yaml"
+MERGE_PATCH = "application/merge-patch+json"
+MAX_EVENT_MESSAGE = 1024
+
+log = logging.getLogger(__name__)
+
+
+class Rejected(Exception):
+    """The apiserver refused a change as invalid (422); the message is its reason."""
+
+
+class SecretsForbidden(Exception):
+    """The operator may not read Secrets here (cluster-wide mode grants no Secret access)."""
+
+
+def _status(error: ApiException) -> Obj:
+    """The Status object an API error carries."""
+    try:
+        status: Obj = json.loads(error.body or "{}")
+    except ValueError:
+        return {}
+    return status
+
+
+def _invalid_fields(error: ApiException) -> set[str]:
+    """The fields a 422 names."""
+    return {str(cause.get("field")) for cause in _status(error).get("details", {}).get("causes") or []}
+
+
+def _message(error: ApiException) -> str:
+    return str(_status(error).get("message") or error.reason)
+
+
+def _decode(response: Any) -> Obj:
+    data: Obj = json.loads(response.data)
+    return data
+
+
+class Kube:
+    """The operator's API calls, through one client (one connection pool shared by the handler threads)."""
+
+    def __init__(self, api_client: client.ApiClient, metrics: OperatorMetrics, instance: str | None = None) -> None:
+        self.core = client.CoreV1Api(api_client)
+        self.batch = client.BatchV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self.metrics = metrics
+        self.instance = instance or socket.gethostname()
+        self._children: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+            "ConfigMap": (self.core.read_namespaced_config_map, self.core.patch_namespaced_config_map),
+            "Service": (self.core.read_namespaced_service, self.core.patch_namespaced_service),
+            "Job": (self.batch.read_namespaced_job, self.batch.patch_namespaced_job),
+        }
+
+    def _wrote(self, verb: str, resource: str) -> None:
+        self.metrics.api_writes.labels(verb=verb, resource=resource).inc()
+
+    def read(self, manifest: Obj) -> Obj | None:
+        """The object named like ``manifest`` (same kind, namespace and name), or None when there is none."""
+        read, _ = self._children[manifest["kind"]]
+        meta = manifest["metadata"]
+        try:
+            return _decode(read(meta["name"], meta["namespace"], _preload_content=False))
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def apply(self, manifest: Obj, uid: str | None = None) -> Obj:
+        """Server-side apply of a child with the operator's field manager; with ``uid``, only onto that object.
+
+        With ``uid`` the apiserver answers 409 when no object has it and 422 when another object holds the name, and
+        conflicts with other managers are overridden: the object is this FinetuneJob's. Without, the object is new,
+        and an object someone made since it was found absent answers 409 where it holds a field this sets.
+        """
+        _, patch = self._children[manifest["kind"]]
+        meta = manifest["metadata"]
+        body = manifest if uid is None else {**manifest, "metadata": {**meta, "uid": uid}}
+        response = patch(
+            meta["name"], meta["namespace"], body, field_manager=FIELD_MANAGER, force=uid is not None, _content_type=APPLY_PATCH, _preload_content=False
+        )
+        self._wrote("apply", manifest["kind"].lower())
+        if manifest["kind"] == "Job" and response.status == 201:
+            self.metrics.jobs_created.labels(namespace=meta["namespace"]).inc()
+        return _decode(response)
+
+    def patch_job_spec(self, namespace: str, name: str, uid: str, spec: Obj) -> bool:
+        """Merge-patch fields of the Job with this uid (None removes a field); False when it no longer exists."""
+        body = {"metadata": {"uid": uid}, "spec": spec}
+        try:
+            self.batch.patch_namespaced_job(name, namespace, body, field_manager=FIELD_MANAGER, _content_type=MERGE_PATCH, _preload_content=False)
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            if error.status == 422:
+                if _invalid_fields(error) == {"metadata.uid"}:
+                    return False  # another Job holds the name now
+                raise Rejected(_message(error)) from error
+            raise
+        self._wrote("patch", "job")
+        return True
+
+    def patch_status(self, namespace: str, name: str, status: Obj) -> None:
+        """Merge-patch a FinetuneJob's status subresource."""
+        self.custom.patch_namespaced_custom_object_status(
+            api.GROUP,
+            api.VERSION,
+            namespace,
+            api.PLURAL,
+            name,
+            {"status": status},
+            field_manager=FIELD_MANAGER,
+            _content_type=MERGE_PATCH,
+            _preload_content=False,
+        )
+        self._wrote("patch", "finetunejobs/status")
+
+    def secret_keys(self, namespace: str, name: str) -> frozenset[str] | None:
+        """The key names of a Secret (never its values), or None when it does not exist."""
+        try:
+            response = self.core.read_namespaced_secret(name, namespace, _preload_content=False)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            if error.status == 403:
+                raise SecretsForbidden(f"cannot read Secrets in {namespace}") from error
+            raise
+        # Only the key names are kept; the raw response is dropped at once.
+        return frozenset((_decode(response).get("data") or {}).keys())
+
+    def post_event(self, about: Obj, event: Event) -> None:
+        """Post an Event about a FinetuneJob. A lost Event must not fail the reconcile it reports on: logged, not raised."""
+        meta = about.get("metadata", {})
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body: Obj = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
+            "involvedObject": {
+                "apiVersion": about.get("apiVersion", api.API_VERSION),
+                "kind": about.get("kind", api.KIND),
+                "name": meta.get("name"),
+                "namespace": meta.get("namespace"),
+                "uid": meta.get("uid"),
+            },
+            "type": event.type,
+            "reason": event.reason,
+            "message": event.message[:MAX_EVENT_MESSAGE],
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER,
+            "reportingInstance": self.instance,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta.get("namespace"), client.CoreV1Event.model_validate(body), _preload_content=False)
+        except ApiException as error:
+            log.warning("could not post Event %s about %s/%s: %s", event.reason, meta.get("namespace"), meta.get("name"), error.reason)
+            return
+        self._wrote("create", "events")
