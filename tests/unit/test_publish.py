@@ -14,15 +14,13 @@ from typing import Any
 import pytest
 
 from kubetune_api.layout import MANIFEST
-from kubetune_api.recipe import OutputSpec
-from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer.storage.errors import StorageError, StorageUnavailableError
 from kubetune_trainer.storage.paths import sha256_file
 from kubetune_trainer.storage.publish import publish_adapter, publish_merged, read_manifest, verify_publication
 from kubetune_trainer.storage.settings import RetryPolicy, StoreSettings
-from kubetune_trainer.storage.store import S3Store
 from tests.support import s3 as s3_support
 from tests.support.s3 import MotoS3Server
+from tests.support.storage import CountingObserver, make_store
 
 # The shared S3 endpoint fixtures, visible to this module's tests.
 s3_server = s3_support.s3_server
@@ -36,23 +34,6 @@ EXTRA = {
     "training": {"maxSteps": 20, "learningRate": 0.0002},
     "metrics": {"finalLoss": 1.25, "steps": 20},
 }
-
-
-class CountingObserver:
-    def __init__(self) -> None:
-        self.bytes: dict[str, int] = {"upload": 0, "download": 0}
-        self.retries = 0
-
-    def on_bytes(self, direction: str, n: int) -> None:
-        self.bytes[direction] += n
-
-    def on_retry(self) -> None:
-        self.retries += 1
-
-
-def make_store(server: MotoS3Server, bucket: str, *, settings: StoreSettings | None = None, observer: CountingObserver | None = None) -> S3Store:
-    output = OutputSpec(bucket=bucket, endpoint_url=server.endpoint_url, region="us-east-1")
-    return S3Store.from_output(output, environment=TrainerEnvironment.model_validate(server.env()), settings=settings, observer=observer)
 
 
 def write_adapter(folder: Path, weights_bytes: int = 200_000, seed: int = 0) -> Path:

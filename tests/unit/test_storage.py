@@ -22,6 +22,7 @@ from kubetune_trainer.storage.settings import RetryPolicy, StoreSettings
 from kubetune_trainer.storage.store import S3Store
 from tests.support import s3 as s3_support
 from tests.support.s3 import MotoS3Server, free_port
+from tests.support.storage import CountingObserver, make_store
 
 # The shared S3 endpoint fixtures, visible to this module's tests.
 s3_server = s3_support.s3_server
@@ -30,23 +31,6 @@ s3_bucket = s3_support.s3_bucket
 FAST_RETRY = StoreSettings(
     retry=RetryPolicy(max_total_seconds=1.0, initial_delay_seconds=0.05, max_delay_seconds=0.2), connect_timeout_seconds=1, read_timeout_seconds=5
 )
-
-
-class CountingObserver:
-    def __init__(self) -> None:
-        self.bytes: dict[str, int] = {"upload": 0, "download": 0}
-        self.retries = 0
-
-    def on_bytes(self, direction: str, n: int) -> None:
-        self.bytes[direction] += n
-
-    def on_retry(self) -> None:
-        self.retries += 1
-
-
-def make_store(server: MotoS3Server, bucket: str, settings: StoreSettings | None = None, observer: CountingObserver | None = None) -> S3Store:
-    output = OutputSpec(bucket=bucket, endpoint_url=server.endpoint_url, region="us-east-1")
-    return S3Store.from_output(output, environment=TrainerEnvironment.model_validate(server.env()), settings=settings, observer=observer)
 
 
 def random_file(path: Path, size: int, seed: int = 0) -> Path:

@@ -10,26 +10,20 @@ from pathlib import Path
 import pytest
 
 from kubetune_api.layout import CHECKPOINT_MARKER, step_prefix
-from kubetune_api.recipe import OutputSpec
 from kubetune_api.result import CheckpointRef
-from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer.storage.checkpoints import complete_checkpoints, download_checkpoint, newest_complete, prune, upload_checkpoint
 from kubetune_trainer.storage.errors import StorageError
 from kubetune_trainer.storage.paths import sha256_file
 from kubetune_trainer.storage.store import S3Store
 from tests.support import s3 as s3_support
 from tests.support.s3 import MotoS3Server
+from tests.support.storage import make_store
 
 # The shared S3 endpoint fixtures, visible to this module's tests.
 s3_server = s3_support.s3_server
 s3_bucket = s3_support.s3_bucket
 
 RUN_PREFIX = "runs/team-a/demo"
-
-
-def make_store(server: MotoS3Server, bucket: str) -> S3Store:
-    output = OutputSpec(bucket=bucket, endpoint_url=server.endpoint_url, region="us-east-1")
-    return S3Store.from_output(output, environment=TrainerEnvironment.model_validate(server.env()))
 
 
 def write_checkpoint(folder: Path, step: int) -> Path:

@@ -59,12 +59,9 @@ class Interrupted(TrainerError):
 
 
 def classify(error: BaseException) -> TrainerError:
-    """The TrainerError that describes ``error``, including ones raised by the data, storage and torch layers."""
+    """The TrainerError that describes ``error``; the data and storage layers raise TrainerErrors of their own."""
     if isinstance(error, TrainerError):
         return error
-    code = getattr(error, "exit_code", None)
-    if isinstance(code, ExitCode):
-        return TrainerError(str(getattr(error, "message", error)), code)
     if _is_out_of_memory(error):
         return OutOfMemoryError(f"The GPU ran out of memory ({_first_line(error)}). {OOM_ADVICE}")
     return TrainerError(f"Unexpected {type(error).__name__}: {_first_line(error)}. The job is retried from its newest checkpoint.")

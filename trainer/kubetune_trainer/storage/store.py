@@ -311,12 +311,9 @@ class S3Store:
         """An object's content, or None when it does not exist."""
 
         def call() -> bytes | None:
-            try:
-                response = self.client.get_object(Bucket=self.bucket, Key=key)
-            except ClientError as error:
-                if error_code(error) in {"NoSuchKey", "404"}:
-                    return None
-                raise
+            response = self._get_object_once(key)
+            if response is None:
+                return None
             body: bytes = response["Body"].read()
             if len(body) != int(response["ContentLength"]):
                 raise StorageIntegrityError(f"short read of {self.uri(key)}")
@@ -331,12 +328,9 @@ class S3Store:
         """Hex SHA-256 of an object's content, streamed (not held in memory); None when it does not exist."""
 
         def call() -> tuple[str, int] | None:
-            try:
-                response = self.client.get_object(Bucket=self.bucket, Key=key)
-            except ClientError as error:
-                if error_code(error) in {"NoSuchKey", "404"}:
-                    return None
-                raise
+            response = self._get_object_once(key)
+            if response is None:
+                return None
             digest = hashlib.sha256()
             read = 0
             for chunk in response["Body"].iter_chunks(1 << 20):
@@ -351,6 +345,15 @@ class S3Store:
             return None
         self.observer.on_bytes("download", result[1])
         return result[0]
+
+    def _get_object_once(self, key: str) -> Any:
+        """The GET response of an object (its body still to read), or None when it does not exist."""
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as error:
+            if error_code(error) in {"NoSuchKey", "404"}:
+                return None
+            raise
 
     def put_json(self, key: str, document: Any) -> ObjectInfo:
         data = json.dumps(document, indent=2, sort_keys=True).encode("utf-8")
