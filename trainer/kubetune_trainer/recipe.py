@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from kubetune_api import layout
 from kubetune_api.exitcodes import ExitCode
 from kubetune_api.recipe import OutputSpec, Precision
 from kubetune_api.result import CheckpointRef, TerminationMessage, TrainingResult
@@ -63,7 +64,8 @@ class LoRARecipe:
         self.started = time.monotonic() if started is None else started
         runtime = config.runtime
         self.work_dir = Path(runtime.work_dir)
-        self.checkpoint_root = self.work_dir / "checkpoints" / runtime.namespace / runtime.job_name
+        # Scratch folders named as their S3 counterparts are (kubetune_api.layout).
+        self.checkpoint_root = self.work_dir / layout.CHECKPOINTS_FOLDER / runtime.namespace / runtime.job_name
         self.output_dir = self.work_dir / "output" / runtime.namespace / runtime.job_name
         self.last_checkpoint: CheckpointRef | None = None
         self.resumed_from_step: int | None = None
@@ -296,14 +298,14 @@ class LoRARecipe:
 
     def _publish(self, outcome: training.Outcome) -> PublishResult:
         config = self.config
-        adapter_dir = self.output_dir / "adapter"
+        adapter_dir = self.output_dir / layout.ADAPTER_FOLDER
         export.save_adapter(self.peft_model, self.tokenizer, adapter_dir)
         state = outcome.state
         manifest = run_manifest(config, steps=state.step, tokens=state.tokens, final_loss=outcome.final_loss, eval_loss=outcome.eval_loss, losses=state.losses)
         published = publish_adapter(self.store, adapter_dir, config.run_prefix, manifest)
         logs.event("adapter published", uri=published.uri, size_bytes=published.size_bytes)
         if config.output.merged_model:
-            merged_dir = self.output_dir / "merged"
+            merged_dir = self.output_dir / layout.MERGED_FOLDER
             export.save_merged(self.files, adapter_dir, merged_dir, config)
             merged = publish_merged(self.store, merged_dir, config.run_prefix, manifest)
             logs.event("merged model published", uri=merged.uri, size_bytes=merged.size_bytes)
