@@ -71,7 +71,7 @@ class LoRARecipe:
         self.resumed_from_step: int | None = None
         self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
         self._pending_upload: Future[CheckpointRef] | None = None
-        # Filled in by setup().
+        # Bound by setup(), not here: that is where a run can first fail, and a failure is reported through this object.
         self.store: S3Store
         self.files: model.ModelFiles
         self.tokenizer: Any
