@@ -174,7 +174,7 @@ def run_bare(settings: Settings) -> tuple[StepClock, str]:
     from transformers import AutoTokenizer, get_scheduler
 
     from kubetune_api.runtime import TrainerConfig
-    from kubetune_trainer.data import prepare_data
+    from kubetune_trainer.data.prepare import prepare_data
 
     with tempfile.TemporaryDirectory(prefix="bench-bare-") as work:
         config = TrainerConfig.model_validate(

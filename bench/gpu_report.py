@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from kubetune_api.recipe import ComputeDtype, LoraSpec, Optimizer, Precision, QuantizationSpec, QuantType, TrainingSpec
-from kubetune_trainer.checkpoints import TrainingState
 from kubetune_trainer.distributed import Context
+from kubetune_trainer.local_checkpoints import TrainingState
 from kubetune_trainer.loss import LossModel
 from kubetune_trainer.metrics import TrainerMetrics
 from kubetune_trainer.model import ModelFiles, apply_lora, load_base_model

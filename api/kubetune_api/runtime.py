@@ -76,7 +76,8 @@ def load_trainer_config(path: Path) -> TrainerConfig:
 
 class TrainerEnvironment(BaseSettings):
     """Every environment variable the trainer reads. Names are derived: KUBETUNE_<FIELD> for kubetune's own,
-    the conventional name (validation alias) for variables other tools define (the Job controller, AWS, Hugging Face)."""
+    the conventional name (validation alias) for variables other tools define (the Job controller, AWS, Hugging Face).
+    Credentials are the fields with ``repr=False``: kept out of reprs, and redacted by the trainer from every message."""
 
     model_config = SettingsConfigDict(env_prefix="KUBETUNE_", extra="ignore", frozen=True)
 
@@ -88,7 +89,7 @@ class TrainerEnvironment(BaseSettings):
         validation_alias=AliasChoices("JOB_COMPLETION_INDEX"),
         description="Index of this pod in an Indexed Job (set by the Job controller): its node rank.",
     )
-    aws_access_key_id: str | None = Field(default=None, validation_alias=AliasChoices("AWS_ACCESS_KEY_ID"), description="S3 access key id.")
+    aws_access_key_id: str | None = Field(default=None, validation_alias=AliasChoices("AWS_ACCESS_KEY_ID"), description="S3 access key id.", repr=False)
     aws_secret_access_key: str | None = Field(
         default=None, validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY"), description="S3 secret access key.", repr=False
     )

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from kubetune_api.recipe import OutputSpec
-from kubetune_trainer.publish import verify_adapter
-from kubetune_trainer.storage import S3Store
+from kubetune_api.runtime import TrainerEnvironment
+from kubetune_trainer.storage.publish import verify_publication
+from kubetune_trainer.storage.store import S3Store
 from localcluster.stack import Stack
 from tests.support.invalid_specs import INVALID_SPECS, InvalidSpec, apply_change
 
@@ -49,7 +50,7 @@ def adapter_is_complete(stack: Stack, uri: str) -> bool:
     assert stack.s3 is not None
     bucket = uri.removeprefix("s3://").split("/", 1)[0]
     output = OutputSpec(bucket=bucket, endpoint_url=stack.s3.endpoint_url, region="us-east-1")
-    return bool(verify_adapter(S3Store.from_output(output, env=stack.s3.env()), uri))
+    return bool(verify_publication(S3Store.from_output(output, environment=TrainerEnvironment.model_validate(stack.s3.env())), uri))
 
 
 def wait_for_checkpoint(stack: Stack, name: str, timeout: float = 300) -> int:

@@ -94,7 +94,7 @@ def trainer_env(server: MotoS3Server, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KUBETUNE_", "PYTEST_"))}
     env.update(server.env())
     # One thread per process: the tier shares two cores, and oversubscription makes steps 10x slower.
-    env.update({"OMP_NUM_THREADS": "1", "KUBETUNE_METRICS_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.update({"OMP_NUM_THREADS": "1", "KUBETUNE_POD_IP": "127.0.0.1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
     env.update(extra)
     return env
 

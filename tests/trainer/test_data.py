@@ -13,10 +13,12 @@ import pytest
 
 from kubetune_api.exitcodes import ExitCode
 from kubetune_api.recipe import OutputSpec
-from kubetune_api.runtime import TrainerConfig
-from kubetune_trainer.data import IGNORE_INDEX, DataError, PreparedData, prepare_data
+from kubetune_api.runtime import TrainerConfig, TrainerEnvironment
 from kubetune_trainer.data import prepare as prepare_module
-from kubetune_trainer.storage import S3Store
+from kubetune_trainer.data.errors import DataError
+from kubetune_trainer.data.packing import IGNORE_INDEX
+from kubetune_trainer.data.prepare import PreparedData, prepare_data
+from kubetune_trainer.storage.store import S3Store
 from kubetune_trainer.tinymodel import build_tokenizer
 
 if TYPE_CHECKING:
@@ -147,7 +149,7 @@ def test_chat_from_csv_with_json_encoded_messages(tmp_path: Path, tokenizer: Any
 
 def s3_factory(server: MotoS3Server) -> Any:
     def build(output: OutputSpec) -> S3Store:
-        return S3Store.from_output(output, env=server.env())
+        return S3Store.from_output(output, environment=TrainerEnvironment.model_validate(server.env()))
 
     return build
 

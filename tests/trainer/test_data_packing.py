@@ -1,4 +1,4 @@
-"""Packing, padding and the resumable, sharded batch stream, on synthetic token ids."""
+"""Padding (collate) and the resumable, sharded batch stream, on synthetic token ids; packing itself is in tests/unit/test_packing.py."""
 
 from __future__ import annotations
 
@@ -8,54 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from kubetune_trainer.data import IGNORE_INDEX, BatchStream, Collator, ExampleDataset, TokenizedRecords, pack_best_fit
-from kubetune_trainer.data.batches import eval_batches
+from kubetune_trainer.data.batches import BatchStream, Collator, eval_batches
+from kubetune_trainer.data.packing import IGNORE_INDEX, ExampleDataset
+from tests.support.records import PAD, VOCAB, synthetic_records
 
 pytestmark = pytest.mark.trainer
-
-VOCAB = 97
-PAD = 0
-
-
-def synthetic_records(lengths: list[int], seed: int = 0) -> TokenizedRecords:
-    """Random token ids; the first half of every record is a prompt (no loss), the rest targets."""
-    rng = np.random.default_rng(seed)
-    ids = [rng.integers(1, VOCAB, size=n).tolist() for n in lengths]
-    masks = [[i >= n // 2 for i in range(n)] for n in lengths]
-    return TokenizedRecords.from_lists(ids, masks)
 
 
 def stream_for(examples: ExampleDataset, *, packing: bool = False, seed: int = 7, rank: int = 0, world_size: int = 1, batch_size: int = 3) -> BatchStream:
     return BatchStream(examples, Collator(pad_token_id=PAD, packing=packing), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
-
-
-def test_best_fit_places_every_record_once_and_fills_windows() -> None:
-    rng = np.random.default_rng(3)
-    lengths = rng.integers(1, 65, size=500)
-    windows = pack_best_fit(lengths, 64)
-    placed = sorted(i for window in windows for i in window)
-    assert placed == list(range(500))
-    assert all(sum(int(lengths[i]) for i in window) <= 64 for window in windows)
-    lower_bound = int(np.ceil(lengths.sum() / 64))
-    assert len(windows) <= lower_bound * 1.05 + 1, (len(windows), lower_bound)
-
-
-def test_packed_example_restarts_positions_and_masks_record_starts() -> None:
-    records = synthetic_records([5, 7, 4])
-    examples = ExampleDataset.build(records, packing=True, max_seq_length=16)
-    assert len(examples) == 1
-    example = examples[0]
-    starts = [i for i, p in enumerate(example["position_ids"].tolist()) if p == 0]
-    assert len(starts) == 3
-    for start in starts:
-        assert example["labels"][start] == IGNORE_INDEX
-    for window_record, start in zip(examples.groups[0], starts, strict=True):
-        ids, mask = records.record(window_record)
-        n = len(ids)
-        assert example["input_ids"][start : start + n].tolist() == ids.tolist()
-        expected = [int(t) if m and i > 0 else IGNORE_INDEX for i, (t, m) in enumerate(zip(ids, mask, strict=True))]
-        assert example["labels"][start : start + n].tolist() == expected
-        assert example["position_ids"][start : start + n].tolist() == list(range(n))
 
 
 def test_packed_collate_has_positions_and_no_attention_mask() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -46,20 +45,20 @@ def promtool_check(body: str) -> None:
 def test_metrics_endpoint_serves_contract_series() -> None:
     import torch
 
-    from kubetune_api.runtime import TrainerConfig
+    from kubetune_api.runtime import TrainerConfig, TrainerEnvironment
     from kubetune_trainer.distributed import Context
     from kubetune_trainer.metrics import TrainerMetrics
-    from kubetune_trainer.recipe import Run, _on_eval, _on_log
+    from kubetune_trainer.recipe import LoRARecipe
     from kubetune_trainer.training import Progress
 
     metrics = TrainerMetrics("team-a", "tiny", 0, {"method": "qlora", "base_model": "s3://models/tiny/", "revision": ""})
     config = TrainerConfig.model_validate({"model": {"source": "/m"}, "dataset": {"source": "/d"}, "training": {"maxSteps": 10}, "output": {"bucket": "bkt"}})
-    run = Run(config=config, ctx=Context(0, 0, 2, 2, 0, torch.device("cpu")), work_dir=Path(config.runtime.work_dir), metrics=metrics)
+    recipe = LoRARecipe(config, Context(0, 0, 2, 2, 0, torch.device("cpu")), TrainerEnvironment(), metrics=metrics)
     progress = Progress(
         step=4, total_steps=10, epoch=0.4, loss=2.5, learning_rate=1e-3, tokens_per_second=2000.0, interval_tokens=800, tokens=3200, eta_seconds=12.0
     )
-    _on_log(run, progress)
-    _on_eval(run, 4, 2.75)
+    recipe.on_log(progress)
+    recipe.on_eval(4, 2.75)
     metrics.on_bytes("upload", 1234)
     metrics.on_retry()
     metrics.save_seconds.labels(**metrics.labels).observe(0.3)
@@ -68,7 +67,7 @@ def test_metrics_endpoint_serves_contract_series() -> None:
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:
         metrics.stop()
-    run.uploads.shutdown()
+    recipe.cleanup()
 
     promtool_check(body)
     for name in CONTRACT_SERIES:

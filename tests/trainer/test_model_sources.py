@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from kubetune_api.recipe import ModelSpec, OutputSpec
+from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer.errors import ModelError
-from kubetune_trainer.storage import S3Store
+from kubetune_trainer.storage.store import S3Store
 from tests.support.s3 import MotoS3Server
 
 pytestmark = pytest.mark.trainer
@@ -20,7 +21,7 @@ def test_model_from_s3_prefix_is_downloaded_and_loads(tiny_model_dir: Path, s3_s
     output = OutputSpec(bucket=s3_bucket, endpoint_url=s3_server.endpoint_url, region="us-east-1")
 
     def store_factory(spec: OutputSpec) -> S3Store:
-        return S3Store.from_output(spec, env=s3_server.env())
+        return S3Store.from_output(spec, environment=TrainerEnvironment.model_validate(s3_server.env()))
 
     store_factory(output).upload_dir(tiny_model_dir, "models/tiny")
     files = model.fetch_model(ModelSpec(source=f"s3://{s3_bucket}/models/tiny/"), output, tmp_path, store_factory)
@@ -46,7 +47,7 @@ def test_unknown_hub_model_is_a_model_error(monkeypatch: pytest.MonkeyPatch) -> 
         OutputSpec(bucket="unused"),
         Path("/nonexistent"),
         S3Store.from_output,
-        env={"HF_TOKEN": "hf_secret_value_123"},
+        environment=TrainerEnvironment.model_validate({"HF_TOKEN": "hf_secret_value_123"}),
     )
     assert files.token == "hf_secret_value_123" and files.revision == "main"
     with pytest.raises(ModelError) as raised:

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from kubetune_api.recipe import OutputSpec
-from kubetune_trainer.storage import S3Store
+from kubetune_api.runtime import TrainerEnvironment
+from kubetune_trainer.storage.store import S3Store
 from tests.support.s3 import DUMMY_SECRET_ACCESS_KEY, MotoS3Server
 from tests.trainer.conftest import TrainerRun, collect, run_trainer, start_trainer, trainer_config, trainer_env, write_config
 
@@ -57,7 +58,9 @@ def resumable_config(model: Path, data: Path, bucket: str, endpoint: str, tmp: P
 
 
 def store_for(server: MotoS3Server, bucket: str) -> S3Store:
-    return S3Store.from_output(OutputSpec(bucket=bucket, endpoint_url=server.endpoint_url, region="us-east-1"), env=server.env())
+    return S3Store.from_output(
+        OutputSpec(bucket=bucket, endpoint_url=server.endpoint_url, region="us-east-1"), environment=TrainerEnvironment.model_validate(server.env())
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +91,7 @@ def reference(tiny_model_dir: Path, memorise_jsonl: Path, s3_server: MotoS3Serve
 
 
 def test_run_publishes_adapter_with_manifest_and_result(reference: Reference, s3_server: MotoS3Server, tmp_path: Path) -> None:
-    from kubetune_trainer.publish import read_manifest, verify_adapter, verify_publication
+    from kubetune_trainer.storage.publish import read_manifest, verify_publication
 
     run = reference.run
     assert run.returncode == 0, run.stderr[-4000:]
@@ -104,7 +107,7 @@ def test_run_publishes_adapter_with_manifest_and_result(reference: Reference, s3
     assert "resumedFromStep" not in result  # trained from the start
 
     store = store_for(s3_server, reference.bucket)
-    assert verify_adapter(store, result["adapterUri"], deep=True)
+    assert verify_publication(store, result["adapterUri"], deep=True)
     manifest = read_manifest(store, result["adapterUri"])
     assert manifest is not None
     listed = {f["path"] for f in manifest["files"]}
@@ -220,7 +223,7 @@ def test_killed_run_resumes_from_its_checkpoint_with_the_same_loss_curve(
     assert resumed.termination["result"]["finalLoss"] == pytest.approx(reference.run.termination["result"]["finalLoss"], rel=1e-3)  # type: ignore[index]
 
     # The loss history published with the adapter spans both attempts.
-    from kubetune_trainer.publish import read_manifest
+    from kubetune_trainer.storage.publish import read_manifest
 
     manifest = read_manifest(store_for(s3_server, bucket), resumed.termination["result"]["adapterUri"])
     assert manifest is not None

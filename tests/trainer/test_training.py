@@ -22,8 +22,8 @@ pytestmark = [
 def _train(config: TrainerConfig, steps_seen: list[tuple[int, float]]) -> tuple[Any, Any]:
     """Set up exactly as the recipe does and run the loop; returns (peft model, tokenizer)."""
     from kubetune_trainer import distributed, model, training
-    from kubetune_trainer.checkpoints import TrainingState
-    from kubetune_trainer.data import prepare_data
+    from kubetune_trainer.data.prepare import prepare_data
+    from kubetune_trainer.local_checkpoints import TrainingState
     from kubetune_trainer.loss import LossModel
 
     ctx = distributed.init(False)

@@ -1,72 +1,15 @@
-"""Pure translators and small helpers of the trainer: spec in, library objects or values out.
-
-Nothing here imports torch at module level; tests that need transformers or peft import them inside.
-"""
+"""Translators that build transformers and peft objects, and helpers that need torch."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 
 from kubetune_api.exitcodes import ExitCode
-from kubetune_api.recipe import LoraSpec, Precision, QuantizationSpec
-from kubetune_api.result import MAX_BYTES, CheckpointRef
-from kubetune_api.runtime import RuntimeConfig
-from kubetune_trainer.errors import ModelError, TrainerError, classify, redact
-from kubetune_trainer.model import model_location, resolve_precision, resolve_target_modules
-from kubetune_trainer.result import failure
+from kubetune_api.recipe import LoraSpec, QuantizationSpec
+from kubetune_api.runtime import RuntimeConfig, TrainerEnvironment
+from kubetune_trainer.errors import classify
 
-pytestmark = pytest.mark.unit
-
-LLAMA_LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-
-
-def test_all_linear_expands_to_every_linear_layer() -> None:
-    assert resolve_target_modules(["all-linear"], LLAMA_LINEARS) == LLAMA_LINEARS
-
-
-def test_named_targets_are_kept_in_order_without_duplicates() -> None:
-    assert resolve_target_modules(["v_proj", "q_proj", "v_proj"], LLAMA_LINEARS) == ["v_proj", "q_proj"]
-
-
-def test_unknown_target_fails_with_the_models_linear_layers() -> None:
-    with pytest.raises(ModelError) as raised:
-        resolve_target_modules(["q_proj", "qkv"], LLAMA_LINEARS)
-    error = raised.value
-    assert error.exit_code is ExitCode.MODEL_ERROR
-    assert error.reason == "ModelError"
-    assert "'qkv'" in error.message and "'q_proj'" not in error.message.split("not found")[0]
-    for name in LLAMA_LINEARS:
-        assert name in error.message
-
-
-def test_all_linear_cannot_be_mixed_with_names() -> None:
-    with pytest.raises(ModelError, match="cannot be combined"):
-        resolve_target_modules(["all-linear", "q_proj"], LLAMA_LINEARS)
-
-
-@pytest.mark.parametrize(
-    ("precision", "cuda", "bf16", "expected"),
-    [
-        (Precision.AUTO, False, False, Precision.FP32),
-        (Precision.BF16, False, False, Precision.FP32),
-        (Precision.AUTO, True, True, Precision.BF16),
-        (Precision.AUTO, True, False, Precision.FP16),
-        (Precision.FP32, True, True, Precision.FP32),
-        (Precision.FP16, True, True, Precision.FP16),
-    ],
-)
-def test_precision_resolution(precision: Precision, cuda: bool, bf16: bool, expected: Precision) -> None:
-    assert resolve_precision(precision, cuda=cuda, bf16_supported=bf16) is expected
-
-
-@pytest.mark.parametrize(
-    ("source", "kind"),
-    [("meta-llama/Llama-3.1-8B", "hub"), ("s3://models/llama/", "s3"), ("/models/llama", "local"), ("gpt2", "hub")],
-)
-def test_model_location(source: str, kind: str) -> None:
-    assert model_location(source) == kind
+pytestmark = pytest.mark.trainer
 
 
 def test_quantization_config_4bit_nf4_double_quant() -> None:
@@ -102,18 +45,31 @@ def test_lora_config() -> None:
     assert config.task_type == "CAUSAL_LM"
 
 
-def test_topology_from_pod_environment() -> None:
+def test_topology_comes_from_the_runtime_config_and_the_completion_index(monkeypatch: pytest.MonkeyPatch) -> None:
     from kubetune_trainer.distributed import topology
 
-    env = {"NPROC_PER_NODE": "8", "NNODES": "4", "WORLD_SIZE": "32", "NODE_RANK": "2", "MASTER_ADDR": "job-trainer-0.job-trainer", "MASTER_PORT": "29500"}
-    topo = topology(RuntimeConfig(gpus_per_node=8, nodes=4), env)
-    assert (topo.nnodes, topo.node_rank, topo.nproc_per_node, topo.world_size) == (4, 2, 8, 32)
-    assert topo.master_addr == "job-trainer-0.job-trainer"
-    # torchrun's conventions alone: WORLD_SIZE counts processes, the Indexed Job gives the node rank.
-    bare = topology(RuntimeConfig(), {"NPROC_PER_NODE": "2", "WORLD_SIZE": "6", "JOB_COMPLETION_INDEX": "1"})
-    assert (bare.nnodes, bare.node_rank, bare.world_size) == (3, 1, 6)
-    local = topology(RuntimeConfig(), {})
-    assert (local.nnodes, local.node_rank, local.nproc_per_node, local.world_size) == (1, 0, 1, 1)
+    # What older operators also set on the pod: none of it may change the layout any more.
+    for name, value in {"NPROC_PER_NODE": "2", "NNODES": "3", "WORLD_SIZE": "6", "NODE_RANK": "1", "MASTER_ADDR": "elsewhere"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+    runtime = RuntimeConfig(gpus_per_node=8, nodes=4, rendezvous_host="job-trainer-0.job-trainer", rendezvous_port=29511)
+    topo = topology(runtime, TrainerEnvironment().completion_index)
+    assert (topo.nodes, topo.node_rank, topo.processes_per_node, topo.world_size) == (4, 2, 8, 32)
+    assert (topo.rendezvous_host, topo.rendezvous_port) == ("job-trainer-0.job-trainer", 29511)
+    local = topology(RuntimeConfig(), 0)
+    assert (local.nodes, local.node_rank, local.processes_per_node, local.world_size) == (1, 0, 1, 1)
+    with pytest.raises(ValueError, match="outside 4 nodes"):
+        topology(runtime, 4)
+
+
+def test_node_rank_is_the_launchers_in_a_worker_and_the_completion_index_otherwise() -> None:
+    from kubetune_trainer.distributed import init
+    from kubetune_trainer.environment import ProcessEnvironment
+
+    pod = init(False, 3, ProcessEnvironment(world_size=6, group_rank=1))
+    assert (pod.node_rank, pod.world_size, pod.rank, pod.local_rank) == (3, 1, 0, 0)
+    worker = init(False, 3, ProcessEnvironment(local_rank=0, world_size=1, group_rank=1))
+    assert (worker.node_rank, worker.world_size) == (1, 1)
 
 
 def test_cuda_oom_is_classified_with_advice() -> None:
@@ -123,29 +79,3 @@ def test_cuda_oom_is_classified_with_advice() -> None:
     assert error.exit_code is ExitCode.OUT_OF_MEMORY
     assert error.reason == "OutOfMemory"
     assert "perDeviceBatchSize" in error.message and "qlora" in error.message and "gradientCheckpointing" in error.message
-
-
-def test_errors_of_other_layers_keep_their_exit_code() -> None:
-    from kubetune_trainer.data.errors import DataError
-    from kubetune_trainer.storage_errors import StorageAccessError
-
-    assert classify(DataError("field 'text' missing")).exit_code is ExitCode.DATA_ERROR
-    assert classify(StorageAccessError("bucket missing")).exit_code is ExitCode.STORAGE_ACCESS_ERROR
-    unknown = classify(KeyError("boom"))
-    assert unknown.exit_code is ExitCode.RUNTIME_ERROR
-
-
-def test_redact_removes_credentials() -> None:
-    env = {"AWS_SECRET_ACCESS_KEY": "s3cr3t-value-123", "HF_TOKEN": "hf_abcdefgh"}
-    assert redact("auth s3cr3t-value-123 and hf_abcdefgh failed", env) == "auth *** and *** failed"
-
-
-def test_failure_message_fits_the_kubernetes_limit_and_is_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-key-value")
-    error = TrainerError("S3 said very-secret-key-value " + "x" * 10_000, ExitCode.STORAGE_UNAVAILABLE)
-    data = failure(error, CheckpointRef(step=30, uri="s3://b/p/checkpoints/step-30/")).encode()
-    assert len(data) <= MAX_BYTES
-    decoded = json.loads(data)
-    assert decoded["status"] == "Failed" and decoded["reason"] == "StorageUnavailable" and decoded["exitCode"] == 4
-    assert decoded["lastCheckpoint"] == {"step": 30, "uri": "s3://b/p/checkpoints/step-30/"}
-    assert "very-secret-key-value" not in data.decode()

@@ -1,85 +1,75 @@
 """Data-parallel process layout: N processes per pod, M pods, one process group.
 
-The pod's main process decides the layout from the environment the operator sets
-(NPROC_PER_NODE, NNODES, WORLD_SIZE = all processes, NODE_RANK or JOB_COMPLETION_INDEX,
-MASTER_ADDR, MASTER_PORT). With more than one process in total it starts the workers through torch's elastic
-launcher (what torchrun uses, static rendezvous: pod k is node rank k) and waits; otherwise the
-recipe runs in the main process. Workers join a gloo (CPU) or nccl (GPU) process group.
+The layout is the runtime config's (``nodes``, ``processes_per_node``, ``rendezvous_host`` and
+``rendezvous_port``); a pod's node rank is its completion index in the Indexed Job. With more than
+one process in total the pod's main process starts the workers through torch's elastic launcher
+(what torchrun uses, static rendezvous: pod k is node rank k) and waits; otherwise the recipe runs
+in the main process. Workers join a gloo (CPU) or nccl (GPU) process group.
 """
 
 from __future__ import annotations
 
-import os
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from kubetune_api.exitcodes import ExitCode
 from kubetune_api.runtime import RuntimeConfig
+from kubetune_trainer.environment import ProcessEnvironment
 
-DEFAULT_MASTER_PORT = 29500
 CONTROL_TIMEOUT = timedelta(hours=2)
-WORKER_ENV = "LOCAL_RANK"
-"""Set by the launcher in every worker: its presence means "already launched"."""
 
 
 @dataclass(frozen=True)
 class Topology:
     """The process layout of the whole run as seen by one pod."""
 
-    nnodes: int
+    nodes: int
     node_rank: int
-    nproc_per_node: int
-    master_addr: str
-    master_port: int
+    processes_per_node: int
+    rendezvous_host: str
+    rendezvous_port: int
 
     @property
     def world_size(self) -> int:
-        return self.nnodes * self.nproc_per_node
+        return self.nodes * self.processes_per_node
 
 
-def topology(runtime: RuntimeConfig, env: Mapping[str, str] | None = None) -> Topology:
-    """Layout from the pod environment, falling back to the runtime config (local runs)."""
-    env = os.environ if env is None else env
-    nproc = int(env.get("NPROC_PER_NODE") or max(1, runtime.gpus_per_node))
-    # WORLD_SIZE counts processes (torchrun's meaning), so without NNODES it gives nodes * nproc.
-    world = int(env.get("WORLD_SIZE") or 0)
-    nnodes = int(env.get("NNODES") or (world // nproc if world >= nproc else 0) or runtime.nodes)
-    node_rank = int(env.get("NODE_RANK") or env.get("JOB_COMPLETION_INDEX") or 0)
-    if not 0 <= node_rank < nnodes:
-        raise ValueError(f"node rank {node_rank} is outside {nnodes} nodes")
+def topology(runtime: RuntimeConfig, node_rank: int) -> Topology:
+    """The layout of ``runtime`` for the pod with completion index ``node_rank``."""
+    if not 0 <= node_rank < runtime.nodes:
+        raise ValueError(f"node rank {node_rank} is outside {runtime.nodes} nodes")
     return Topology(
-        nnodes=nnodes,
+        nodes=runtime.nodes,
         node_rank=node_rank,
-        nproc_per_node=nproc,
-        master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
-        master_port=int(env.get("MASTER_PORT") or DEFAULT_MASTER_PORT),
+        processes_per_node=runtime.processes_per_node,
+        rendezvous_host=runtime.rendezvous_host,
+        rendezvous_port=runtime.rendezvous_port,
     )
 
 
-def is_worker(env: Mapping[str, str] | None = None) -> bool:
-    env = os.environ if env is None else env
-    return WORKER_ENV in env
+def is_worker(process: ProcessEnvironment | None = None) -> bool:
+    """True in a process the elastic launcher started, which must train rather than launch again."""
+    return (process or ProcessEnvironment()).launched
 
 
 def launch(topo: Topology, entrypoint: Callable[..., Any], *args: Any) -> int:
     """Run ``entrypoint(*args)`` in every local worker; the exit code of the first failure, or 0."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     config = LaunchConfig(
-        min_nodes=topo.nnodes,
-        max_nodes=topo.nnodes,
-        nproc_per_node=topo.nproc_per_node,
+        min_nodes=topo.nodes,
+        max_nodes=topo.nodes,
+        nproc_per_node=topo.processes_per_node,
         run_id="kubetune",
         rdzv_backend="static",
-        rdzv_endpoint=f"{topo.master_addr}:{topo.master_port}",
+        rdzv_endpoint=f"{topo.rendezvous_host}:{topo.rendezvous_port}",
         rdzv_configs={"rank": topo.node_rank, "timeout": 900},
         # Restarts are the Job controller's business: a restarted pod resumes from S3.
         max_restarts=0,
@@ -127,14 +117,17 @@ class Context:
         return self.world_size > 1
 
 
-def init(use_cuda: bool, env: Mapping[str, str] | None = None) -> Context:
-    """Join the process group (when launched) and pick this process's device."""
-    env = os.environ if env is None else env
-    rank = int(env.get("RANK", 0))
-    local_rank = int(env.get("LOCAL_RANK", 0))
-    world_size = int(env.get("WORLD_SIZE", 1)) if is_worker(env) else 1
-    local_world_size = int(env.get("LOCAL_WORLD_SIZE", 1))
-    node_rank = int(env.get("GROUP_RANK", 0)) if is_worker(env) else int(env.get("NODE_RANK") or env.get("JOB_COMPLETION_INDEX") or 0)
+def init(use_cuda: bool, node_rank: int = 0, process: ProcessEnvironment | None = None) -> Context:
+    """Join the process group (when launched) and pick this process's device.
+
+    ``node_rank`` is the pod's completion index; a launched worker has the launcher's group rank instead.
+    """
+    process = process or ProcessEnvironment()
+    rank = process.rank
+    local_rank = process.local_rank or 0
+    world_size = process.world_size if process.launched else 1
+    local_world_size = process.local_world_size
+    node_rank = process.group_rank if process.launched else node_rank
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

@@ -8,12 +8,11 @@ values from any text before it leaves the process.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
+from collections.abc import Iterable
 
 from kubetune_api.exitcodes import REASONS, ExitCode
+from kubetune_api.runtime import TrainerEnvironment
 
-SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 OOM_ADVICE = (
     "Lower spec.training.perDeviceBatchSize (raise gradientAccumulationSteps to keep the effective batch), "
     "use method: qlora, enable spec.training.gradientCheckpointing, shorten spec.dataset.maxSeqLength, "
@@ -60,12 +59,9 @@ class Interrupted(TrainerError):
 
 
 def classify(error: BaseException) -> TrainerError:
-    """The TrainerError that describes ``error``, including ones raised by the data, storage and torch layers."""
+    """The TrainerError that describes ``error``; the data and storage layers raise TrainerErrors of their own."""
     if isinstance(error, TrainerError):
         return error
-    code = getattr(error, "exit_code", None)
-    if isinstance(code, ExitCode):
-        return TrainerError(str(getattr(error, "message", error)), code)
     if _is_out_of_memory(error):
         return OutOfMemoryError(f"The GPU ran out of memory ({_first_line(error)}). {OOM_ADVICE}")
     return TrainerError(f"Unexpected {type(error).__name__}: {_first_line(error)}. The job is retried from its newest checkpoint.")
@@ -83,12 +79,20 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def redact(text: str, env: Mapping[str, str] | None = None) -> str:
-    """``text`` with the value of every credential environment variable replaced by ***."""
-    env = os.environ if env is None else env
-    for name in SECRET_ENV_VARS:
-        value = env.get(name)
-        # Very short values would blank out ordinary words; real credentials are long.
-        if value and len(value) >= 6:
-            text = text.replace(value, "***")
+def credentials(environment: TrainerEnvironment | None = None) -> tuple[str, ...]:
+    """The credential values of ``environment`` (its fields kept out of reprs) that are worth redacting."""
+    environment = environment or TrainerEnvironment()
+    values = (getattr(environment, name) for name, info in TrainerEnvironment.model_fields.items() if not info.repr)
+    # Very short values would blank out ordinary words; real credentials are long.
+    return tuple(value for value in values if isinstance(value, str) and len(value) >= 6)
+
+
+def redact(text: str, environment: TrainerEnvironment | None = None) -> str:
+    """``text`` with the value of every credential in the environment replaced by ***."""
+    return redact_values(text, credentials(environment))
+
+
+def redact_values(text: str, values: Iterable[str]) -> str:
+    for value in values:
+        text = text.replace(value, "***")
     return text

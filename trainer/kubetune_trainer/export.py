@@ -1,5 +1,5 @@
-"""The run's products: the adapter folder (weights, adapter_config.json, tokenizer), the optional merged
-model, and their publication through publish.py with a manifest describing the run."""
+"""The run's products on local disk: the adapter folder (weights, adapter_config.json, tokenizer) and
+the optional merged model. ``storage.publish`` uploads them."""
 
 from __future__ import annotations
 
@@ -8,11 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_api.runtime import TrainerConfig
-from kubetune_trainer import logs, model, training
-from kubetune_trainer.publish import PublishResult, publish_adapter, publish_merged
-from kubetune_trainer.storage import S3Store
-
-LOSS_HISTORY_KEPT = 200
+from kubetune_trainer import model
 
 
 def save_adapter(peft_model: Any, tokenizer: Any, adapter_dir: Path) -> None:
@@ -24,41 +20,9 @@ def save_adapter(peft_model: Any, tokenizer: Any, adapter_dir: Path) -> None:
     tokenizer.save_pretrained(adapter_dir)
 
 
-def manifest_extra(config: TrainerConfig, outcome: training.Outcome) -> dict[str, Any]:
-    """What the manifest records about the run besides the file list: inputs, settings, results."""
-    quantization = config.effective_quantization()
-    return {
-        "baseModel": {"source": config.model.source, "revision": config.model.revision},
-        "dataset": config.dataset.to_api(),
-        "method": config.method.value,
-        "lora": config.lora.to_api(),
-        "quantization": quantization.to_api() if quantization else None,
-        "training": config.training.to_api(),
-        "metrics": {
-            "steps": outcome.state.step,
-            "finalLoss": outcome.final_loss,
-            "evalLoss": outcome.eval_loss,
-            "tokens": outcome.state.tokens,
-            "lossHistory": outcome.state.losses[-LOSS_HISTORY_KEPT:],
-        },
-    }
-
-
-def publish(store: S3Store, config: TrainerConfig, adapter_dir: Path, outcome: training.Outcome, files: model.ModelFiles) -> PublishResult:
-    """Upload the adapter (manifest last), then the merged model when spec.output.mergedModel asks for it."""
-    extra = manifest_extra(config, outcome)
-    published = publish_adapter(store, adapter_dir, config.run_prefix, extra)
-    logs.event("adapter published", uri=published.adapter_uri, size_bytes=published.size_bytes)
-    if config.output.merged_model:
-        merged_dir = adapter_dir.parent / "merged"
-        save_merged(files, adapter_dir, merged_dir, config)
-        merged = publish_merged(store, merged_dir, config.run_prefix, extra)
-        logs.event("merged model published", uri=merged.uri, size_bytes=merged.size_bytes)
-    return published
-
-
 def save_merged(files: model.ModelFiles, adapter_dir: Path, merged_dir: Path, config: TrainerConfig) -> None:
     """The base model (unquantized, on CPU) with the adapter folded into its weights."""
+    # As in model.py: peft (and transformers with it) loads when a run gets this far, not when this module is imported.
     from peft import PeftModel
 
     # A quantized base cannot hold merged weights: reload it unquantized, in bf16 to bound host memory.

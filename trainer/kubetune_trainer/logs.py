@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -10,7 +11,8 @@ import warnings
 from datetime import UTC, datetime
 from typing import Any
 
-from kubetune_trainer.errors import redact
+from kubetune_api.runtime import TrainerEnvironment
+from kubetune_trainer.errors import credentials, redact_values
 
 LOGGER_NAME = "kubetune_trainer"
 _FIELDS = "kubetune_fields"
@@ -19,9 +21,10 @@ _FIELDS = "kubetune_fields"
 class JsonFormatter(logging.Formatter):
     """Renders a record as {"time", "level", "msg", ...fields} with a timezone-aware timestamp."""
 
-    def __init__(self, static: dict[str, Any] | None = None) -> None:
+    def __init__(self, static: dict[str, Any] | None = None, environment: TrainerEnvironment | None = None) -> None:
         super().__init__()
         self.static = static or {}
+        self.credentials = credentials(environment)
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -33,17 +36,18 @@ class JsonFormatter(logging.Formatter):
         entry.update(getattr(record, _FIELDS, {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return redact(json.dumps(entry, default=str))
+        return redact_values(json.dumps(entry, default=str), self.credentials)
 
 
-def setup(**static: Any) -> logging.Logger:
+def setup(*, environment: TrainerEnvironment | None = None, **static: Any) -> logging.Logger:
     """Send every log record of the process to stderr as JSON; ``static`` fields (rank, job) go on every line.
 
     The handler sits on the root logger so library messages (transformers, bitsandbytes, torch,
     Python warnings) become JSON lines too; libraries log from WARNING, the trainer from INFO.
+    Credentials of ``environment`` (the process's by default) are redacted from every line.
     """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(static))
+    handler.setFormatter(JsonFormatter(static, environment))
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]:
         root.removeHandler(old)
@@ -59,11 +63,12 @@ def setup(**static: Any) -> logging.Logger:
 
 def quiet_libraries() -> None:
     """Stop transformers and datasets from writing progress bars and plain-text lines to stderr."""
-    import importlib
-
+    # An instruction to huggingface_hub, read when it loads, not a setting of the trainer's own.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # peft calls a transformers name deprecated in v5 on every model wrap; it says nothing about the run.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # Imported here, not with this module: __main__ sets up logging before it knows the config is valid,
+    # and transformers alone takes seconds to import.
     try:
         hf_logging: Any = importlib.import_module("transformers.utils.logging")
         hf_logging.disable_progress_bar()

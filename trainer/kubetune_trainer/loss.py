@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from kubetune_trainer.data.packing import IGNORE_INDEX
+
 DEFAULT_CHUNK_TOKENS = 1024
 CHUNK_ABOVE_BYTES = 256 * 1024**2
 """Chunk only when a micro-batch's fp32 logits would exceed this; below it the model's own loss is faster."""

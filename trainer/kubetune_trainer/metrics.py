@@ -2,25 +2,25 @@
 
 Series names and labels are the contract's (``kubetune_api.metrics``). Training values are pushed by the loop at its log
 interval (no extra device syncs); process and GPU values are read when Prometheus scrapes.
-NVML is imported lazily and only when CUDA is present.
+NVML is imported only when CUDA is in use: it is absent or not permitted in many containers.
 """
 
 from __future__ import annotations
 
-import os
+import sys
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
+import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kubetune_api.metrics import LABEL_FINETUNEJOB, LABEL_GPU, LABEL_NAMESPACE, LABEL_RANK, TrainerMetric
-
-if TYPE_CHECKING:
-    from kubetune_trainer.storage import Direction
+from kubetune_trainer.environment import ProcessEnvironment
+from kubetune_trainer.storage.settings import Direction
 
 SAVE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -30,6 +30,7 @@ class ProcessCollector(Collector):
 
     def __init__(self, labels: dict[str, str]) -> None:
         self.labels = labels
+        self.visible_devices = ProcessEnvironment().cuda_visible_devices
         self._nvml: Any = None
         self._nvml_failed = False
 
@@ -37,13 +38,11 @@ class ProcessCollector(Collector):
         names = list(self.labels)
         values = list(self.labels.values())
         rss = GaugeMetricFamily(TrainerMetric.RESIDENT_MEMORY, "Resident memory of the trainer process in bytes.", labels=names)
-        rss.add_metric(values, float(_resident_memory()))
+        rss.add_metric(values, float(resident_memory()))
         yield rss
         yield from self._gpu(names, values)
 
     def _gpu(self, names: list[str], values: list[str]) -> Iterator[GaugeMetricFamily]:
-        import sys
-
         # Never initialise CUDA from a scrape: only report when the trainer already uses it.
         torch = sys.modules.get("torch")
         if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
@@ -78,7 +77,7 @@ class ProcessCollector(Collector):
                 pynvml.nvmlInit()
                 self._nvml = pynvml
             # CUDA_VISIBLE_DEVICES renumbers devices; NVML uses physical indices.
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+            visible = self.visible_devices
             physical = visible.split(",")[index] if visible and not visible.startswith("GPU-") else str(index)
             handle = self._nvml.nvmlDeviceGetHandleByIndex(int(physical))
             return float(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu) / 100.0
@@ -88,9 +87,8 @@ class ProcessCollector(Collector):
             return None
 
 
-def _resident_memory() -> int:
-    import psutil
-
+def resident_memory() -> int:
+    """Resident memory of this process in bytes."""
     return int(psutil.Process().memory_info().rss)
 
 

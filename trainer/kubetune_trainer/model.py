@@ -1,27 +1,30 @@
 """The base model and its adapters: small pure translators from the spec, then loading.
 
 Translators (``quantization_config``, ``lora_config``, ``resolve_precision``,
-``resolve_target_modules``, ``model_location``) take spec objects and return library objects or
-plain values. Loading resolves where the model lives (local path, ``s3://`` prefix downloaded
-through the storage module, or a Hugging Face id + revision with HF_TOKEN) and applies them.
-torch, transformers and peft are imported inside functions so this module imports cheaply.
+``resolve_target_modules``) take spec objects and return library objects or plain values. Loading
+resolves where the model lives (``locations.location``: a local path, an ``s3://`` prefix downloaded
+through the store, or a Hugging Face id + revision with HF_TOKEN) and applies them.
+torch, transformers and peft are imported inside functions so that importing this module (and the
+translators' unit tests) stays cheap.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from kubetune_api.recipe import ALL_LINEAR, LoraSpec, ModelSpec, OutputSpec, Precision, QuantizationSpec
+from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer.errors import ModelError
+from kubetune_trainer.locations import local_path, location
+from kubetune_trainer.storage.paths import parse_s3_uri
 
 if TYPE_CHECKING:
     import torch
 
-    from kubetune_trainer.storage import S3Store
+    from kubetune_trainer.storage.store import S3Store
 
 OUTPUT_HEADS = frozenset({"lm_head", "embed_out", "output"})
 """Output projections that never get adapters (peft's all-linear rule excludes them too)."""
@@ -109,18 +112,6 @@ def lora_config(spec: LoraSpec, target_modules: list[str]) -> Any:
     )
 
 
-Location = Literal["local", "s3", "hub"]
-
-
-def model_location(source: str) -> Location:
-    """Where a model source points: an absolute local path, an s3:// prefix, or a Hugging Face id."""
-    if source.startswith("s3://"):
-        return "s3"
-    if source.startswith("/") or source.startswith("./") or source.startswith("file://"):
-        return "local"
-    return "hub"
-
-
 # ---- loading ----------------------------------------------------------------------------------
 
 
@@ -135,15 +126,15 @@ class ModelFiles:
     revision: str | None
     token: str | None
     cache_dir: str | None = None
-    """Download cache of hub models; None uses HF_HUB_CACHE / HF_HOME, which the operator sets."""
+    """Download cache of hub models (HF_HUB_CACHE, set when the model cache volume is mounted); None uses HF_HOME's."""
 
 
-def fetch_model(spec: ModelSpec, output: OutputSpec, work_dir: Path, store_factory: StoreFactory, env: Mapping[str, str] | None = None) -> ModelFiles:
+def fetch_model(spec: ModelSpec, output: OutputSpec, work_dir: Path, store_factory: StoreFactory, environment: TrainerEnvironment | None = None) -> ModelFiles:
     """Make the model readable by from_pretrained: check a local path, download an s3:// prefix."""
-    env = os.environ if env is None else env
-    kind = model_location(spec.source)
+    environment = environment or TrainerEnvironment()
+    kind = location(spec.source)
     if kind == "local":
-        path = Path(spec.source.removeprefix("file://"))
+        path = local_path(spec.source)
         if not (path / "config.json").is_file():
             raise ModelError(
                 f"spec.model.source: no model at {path} (config.json missing). Point it at a folder saved with "
@@ -151,8 +142,6 @@ def fetch_model(spec: ModelSpec, output: OutputSpec, work_dir: Path, store_facto
             )
         return ModelFiles(str(path), None, None)
     if kind == "s3":
-        from kubetune_trainer.storage_paths import parse_s3_uri
-
         bucket, prefix = parse_s3_uri(spec.source)
         store = store_factory(output.model_copy(update={"bucket": bucket}))
         target = work_dir / "models" / bucket / prefix.strip("/")
@@ -160,8 +149,8 @@ def fetch_model(spec: ModelSpec, output: OutputSpec, work_dir: Path, store_facto
         if not (target / "config.json").is_file():
             raise ModelError(f"spec.model.source: {spec.source} holds no config.json. Upload a folder saved with save_pretrained to that prefix.")
         return ModelFiles(str(target), None, None)
-    # Downloads land in HF_HUB_CACHE / HF_HOME, which the operator points at the cache volume or scratch.
-    return ModelFiles(spec.source, spec.revision, env.get("HF_TOKEN") or None)
+    # The operator points HF_HUB_CACHE at the cache volume when there is one, and HF_HOME at scratch.
+    return ModelFiles(spec.source, spec.revision, environment.hf_token or None, environment.hf_hub_cache or None)
 
 
 def load_tokenizer(files: ModelFiles, trust_remote_code: bool) -> Any:
@@ -245,6 +234,6 @@ def _short(error: BaseException) -> str:
 
 
 def _hint(files: ModelFiles) -> str:
-    if model_location(files.path) == "hub":
+    if location(files.path) == "hub":
         return "Check the model id and spec.model.revision; gated or private models need spec.model.tokenSecretRef."
     return "The folder must hold a model saved with save_pretrained (config.json, weights, tokenizer files)."

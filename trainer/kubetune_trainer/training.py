@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, Protocol
 
 import torch
 
 from kubetune_api.recipe import Optimizer, Precision, Scheduler, TrainingSpec
-from kubetune_trainer.checkpoints import TrainingState
 from kubetune_trainer.distributed import Context, all_reduce_sum, any_true
 from kubetune_trainer.errors import NumericError
+from kubetune_trainer.local_checkpoints import TrainingState
 from kubetune_trainer.loss import LossModel
 
 
@@ -64,6 +67,22 @@ class Progress:
     eta_seconds: float
 
 
+class StopFlag:
+    """Set by SIGTERM; the loop checks it after every optimizer step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self._event.set()
+
+    def __call__(self) -> bool:
+        return self._event.is_set()
+
+
 @dataclass
 class Hooks:
     """Callbacks into the recipe; the loop knows nothing about S3 or Prometheus."""
@@ -98,6 +117,7 @@ def build_optimizer(spec: TrainingSpec, params: list[torch.nn.Parameter], *, cud
     if kind is Optimizer.ADAMW or not cuda:
         # bitsandbytes' 8-bit and paged optimizers need a GPU; on CPU AdamW is the same maths.
         return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay, fused=cuda)
+    # Only GPU runs load bitsandbytes' optimizers: the import takes seconds and warns on CPU-only builds.
     import bitsandbytes.optim
 
     bnb_optim: Any = bitsandbytes.optim
@@ -111,6 +131,7 @@ def build_optimizer(spec: TrainingSpec, params: list[torch.nn.Parameter], *, cud
 
 
 def build_scheduler(spec: TrainingSpec, optimizer: torch.optim.Optimizer, steps: int) -> Any:
+    # transformers takes seconds to import; the loop itself needs only torch.
     from transformers import get_scheduler
 
     name = {

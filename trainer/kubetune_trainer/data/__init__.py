@@ -1,8 +1,8 @@
 """The trainer's data pipeline: dataset source -> records -> token ids -> packed, sharded batches.
 
-Public API (everything the training loop needs)::
+Public API (everything the training loop needs; ``prepare``, with the types of ``batches``)::
 
-    data = prepare_data(config, tokenizer, rank=rank, world_size=world_size, store_factory=factory)
+    data = prepare_data(config, tokenizer, rank=rank, world_size=world_size, store_factory=factory, environment=env)
     data.num_train_records, data.num_eval_records, data.truncated_records, data.dropped_records
     data.train / data.eval              # Sequence of examples (input_ids, labels, position_ids arrays)
     data.collate(examples)              # -> dict[str, torch.Tensor], ready for model(**inputs)
@@ -13,9 +13,10 @@ Public API (everything the training loop needs)::
     stream.state_dict()                 # save with every checkpoint; pass back as ``state``
     for batch in data.eval_batches(per_device_batch_size): ...
 
-Sources (``spec.dataset.source``, and ``spec.dataset.eval.source``): a local file or folder, an
-``s3://bucket/key`` object or ``s3://bucket/prefix/`` (downloaded under runtime.work_dir through the
-store from ``store_factory``), or a Hugging Face dataset id (config, split; token from HF_TOKEN).
+Sources (``spec.dataset.source``, and ``spec.dataset.eval.source``, told apart by
+``kubetune_trainer.locations``): a local file or folder, an ``s3://bucket/key`` object or
+``s3://bucket/prefix/`` (downloaded under runtime.work_dir through the store from ``store_factory``),
+or a Hugging Face dataset id (config, split; token from HF_TOKEN).
 Formats jsonl/json/parquet/csv come from spec.dataset.fileFormat or the file extension.
 
 Order of operations: load, shuffle with training.seed, keep maxSamples, hold out eval.ratio,
@@ -32,24 +33,7 @@ batch into one row (see ``Collator``). Unpacked batches carry an ``attention_mas
 
 Bad data raises ``DataError`` (``exit_code`` is ExitCode.DATA_ERROR) with a message that names
 what to fix.
+
+This package's own import loads nothing: its pure parts (``records``, ``packing``) stay usable
+without torch and ``datasets``.
 """
-
-from kubetune_trainer.data.batches import Batch, BatchStream, Collator
-from kubetune_trainer.data.errors import DataError
-from kubetune_trainer.data.packing import IGNORE_INDEX, Example, ExampleDataset, pack_best_fit
-from kubetune_trainer.data.prepare import PreparedData, prepare_data
-from kubetune_trainer.data.records import TokenizedRecords
-
-__all__ = [
-    "IGNORE_INDEX",
-    "Batch",
-    "BatchStream",
-    "Collator",
-    "DataError",
-    "Example",
-    "ExampleDataset",
-    "PreparedData",
-    "TokenizedRecords",
-    "pack_best_fit",
-    "prepare_data",
-]

@@ -19,6 +19,7 @@ import numpy as np
 from kubetune_trainer.data.records import IdArray, TokenizedRecords
 
 IGNORE_INDEX = -100
+"""Label of a position the loss skips (torch's cross_entropy default, which transformers' losses use too)."""
 
 
 class Example(TypedDict):

@@ -15,7 +15,7 @@ import torch
 
 from kubetune_api.dataset import DatasetSpec
 from kubetune_api.recipe import OutputSpec
-from kubetune_api.runtime import TrainerConfig
+from kubetune_api.runtime import TrainerConfig, TrainerEnvironment
 from kubetune_trainer.data import batches
 from kubetune_trainer.data.batches import Batch, BatchStream, Collator
 from kubetune_trainer.data.cache import Tokenized, cache_key, cached
@@ -23,11 +23,12 @@ from kubetune_trainer.data.errors import DataError
 from kubetune_trainer.data.formats import tokenize_records
 from kubetune_trainer.data.packing import Example, ExampleDataset
 from kubetune_trainer.data.sources import BucketStores, ObjectStore, load_records
+from kubetune_trainer.storage.store import S3Store
 
 log = logging.getLogger(__name__)
 
 StoreFactory = Callable[[OutputSpec], ObjectStore]
-"""spec.output (with the bucket to read) -> an S3 store; kubetune_trainer.storage.S3Store.from_output fits."""
+"""spec.output (with the bucket to read) -> an S3 store; ``S3Store.from_output`` fits."""
 
 
 @dataclass
@@ -86,25 +87,31 @@ def prepare_data(
     world_size: int = 1,
     store_factory: StoreFactory | None = None,
     padding_free: bool = False,
+    environment: TrainerEnvironment | None = None,
 ) -> PreparedData:
     """Load, split, tokenize and pack the dataset of ``config``; every rank computes the same result.
 
     ``store_factory`` builds the S3 store for s3:// sources from spec.output with the source's
-    bucket; it is called only for them, and defaults to ``S3Store.from_output``. Pass
-    ``padding_free=True`` when the model runs flash attention (see ``Collator``); it only takes
-    effect with packing.
+    bucket; it is called only for them, and defaults to ``S3Store.from_output`` with ``environment``'s
+    credentials. Hugging Face datasets are read with its HF_TOKEN. Pass ``padding_free=True`` when
+    the model runs flash attention (see ``Collator``); it only takes effect with packing.
     """
     spec = config.dataset
     seed = config.training.seed
     work_dir = Path(config.runtime.work_dir)
-    factory = store_factory if store_factory is not None else _default_store_factory
+    environment = environment or TrainerEnvironment()
     output = config.output
+
+    def default_factory(bucket_output: OutputSpec) -> ObjectStore:
+        return S3Store.from_output(bucket_output, environment=environment)
+
+    factory = store_factory if store_factory is not None else default_factory
 
     def stores(bucket: str) -> ObjectStore:
         return factory(output.model_copy(update={"bucket": bucket}))
 
     key = cache_key(spec, seed, tokenizer)
-    tokens = cached(work_dir / "data-cache" / f"tokenized-{key}.npz", lambda: _tokenize(spec, seed, tokenizer, work_dir, stores))
+    tokens = cached(work_dir / "data-cache" / f"tokenized-{key}.npz", lambda: _tokenize(spec, seed, tokenizer, work_dir, stores, environment.hf_token))
     eval_set = None if tokens.eval is None else ExampleDataset.build(tokens.eval, packing=spec.packing, max_seq_length=spec.max_seq_length)
     train_set = ExampleDataset.build(tokens.train, packing=spec.packing, max_seq_length=spec.max_seq_length)
     prepared = PreparedData(
@@ -133,9 +140,9 @@ def prepare_data(
     return prepared
 
 
-def _tokenize(spec: DatasetSpec, seed: int, tokenizer: Any, work_dir: Path, stores: BucketStores) -> Tokenized:
+def _tokenize(spec: DatasetSpec, seed: int, tokenizer: Any, work_dir: Path, stores: BucketStores, hf_token: str | None) -> Tokenized:
     """Load, shuffle, cap at maxSamples, split off the eval records, and tokenize both sets."""
-    records = _load(spec.source, spec, spec.split, work_dir, stores)
+    records = _load(spec.source, spec, spec.split, work_dir, stores, hf_token)
     records = records.select(np.random.default_rng(seed).permutation(len(records)))
     if spec.max_samples is not None and spec.max_samples < len(records):
         records = records.select(range(spec.max_samples))
@@ -143,7 +150,7 @@ def _tokenize(spec: DatasetSpec, seed: int, tokenizer: Any, work_dir: Path, stor
     if spec.eval is not None and spec.eval.ratio is not None:
         records, eval_records = _split(records, spec.eval.ratio, spec.source)
     elif spec.eval is not None and spec.eval.source is not None:
-        eval_records = _load(spec.eval.source, spec, spec.eval.split, work_dir, stores)
+        eval_records = _load(spec.eval.source, spec, spec.eval.split, work_dir, stores, hf_token)
 
     train, stats = tokenize_records(records, spec, tokenizer, shown_as=spec.source)
     if len(train) == 0:
@@ -162,8 +169,8 @@ def _tokenize(spec: DatasetSpec, seed: int, tokenizer: Any, work_dir: Path, stor
     return Tokenized(train, evaluation, stats.truncated_records + eval_stats.truncated_records, stats.dropped_records + eval_stats.dropped_records)
 
 
-def _load(source: str, spec: DatasetSpec, split: str, work_dir: Path, stores: BucketStores) -> datasets.Dataset:
-    return load_records(source, file_format=spec.file_format, hf_config=spec.config, hf_split=split, cache_dir=work_dir, stores=stores)
+def _load(source: str, spec: DatasetSpec, split: str, work_dir: Path, stores: BucketStores, hf_token: str | None) -> datasets.Dataset:
+    return load_records(source, file_format=spec.file_format, hf_config=spec.config, hf_split=split, cache_dir=work_dir, stores=stores, hf_token=hf_token)
 
 
 def _split(records: datasets.Dataset, ratio: float, source: str) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -182,9 +189,3 @@ def _pad_id(tokenizer: Any) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
-
-
-def _default_store_factory(output: OutputSpec) -> ObjectStore:
-    from kubetune_trainer.storage import S3Store
-
-    return S3Store.from_output(output)

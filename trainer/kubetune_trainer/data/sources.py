@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any, Protocol
 import datasets
 
 from kubetune_trainer.data.errors import DataError
+from kubetune_trainer.locations import local_path, location
+from kubetune_trainer.storage.paths import parse_s3_uri
 
 FILE_FORMATS: dict[str, str] = {
     ".jsonl": "jsonl",
@@ -34,7 +35,7 @@ BUILDERS: dict[str, str] = {"jsonl": "json", "json": "json", "parquet": "parquet
 
 
 class ObjectStore(Protocol):
-    """The part of kubetune_trainer.storage.S3Store (one bucket) the data pipeline uses."""
+    """The part of kubetune_trainer.storage.store.S3Store (one bucket) the data pipeline uses."""
 
     def download_file(self, key: str, local_path: Path) -> Any: ...
 
@@ -47,14 +48,6 @@ BucketStores = Callable[[str], ObjectStore]
 """Bucket name -> a store for it on spec.output's endpoint with spec.output's credentials."""
 
 
-def is_s3(source: str) -> bool:
-    return source.startswith("s3://")
-
-
-def is_local(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or Path(source).exists()
-
-
 def load_records(
     source: str,
     *,
@@ -63,25 +56,27 @@ def load_records(
     hf_split: str,
     cache_dir: Path,
     stores: BucketStores | None,
+    hf_token: str | None = None,
 ) -> datasets.Dataset:
     """Read every record of ``source`` into a Dataset (no shuffling, no filtering)."""
     # Progress bars would flood the pod log with one line per refresh.
     datasets.disable_progress_bars()
-    if is_s3(source):
+    kind = location(source)
+    if kind == "s3":
         if stores is None:
             raise DataError(f"dataset source {source} is on S3 but no S3 connection is configured: set spec.output (endpointUrl, credentialsSecret)")
         local = fetch_s3(source, cache_dir / "data-cache", stores)
         return load_local(local, file_format=file_format, cache_dir=cache_dir, shown_as=source)
-    if is_local(source):
-        return load_local(Path(source).expanduser(), file_format=file_format, cache_dir=cache_dir, shown_as=source)
-    return load_hub(source, hf_config=hf_config, split=hf_split, cache_dir=cache_dir)
+    if kind == "local":
+        return load_local(local_path(source), file_format=file_format, cache_dir=cache_dir, shown_as=source)
+    return load_hub(source, hf_config=hf_config, split=hf_split, cache_dir=cache_dir, token=hf_token)
 
 
 def local_stamp(source: str) -> list[tuple[str, int, int]]:
     """Name, size and modification time of a local source's files; empty for other sources."""
-    if is_s3(source) or not is_local(source):
+    if location(source) != "local":
         return []
-    root = Path(source).expanduser()
+    root = local_path(source)
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root] if root.exists() else []
     return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
@@ -112,7 +107,10 @@ def fetch_s3(uri: str, cache_root: Path, stores: BucketStores) -> Path:
 
 
 def _split_uri(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    try:
+        bucket, key = parse_s3_uri(uri)
+    except ValueError:
+        bucket, key = "", ""
     if not bucket or not key.strip("/"):
         raise DataError(f"dataset source {uri} names no object or prefix: use s3://bucket/file.jsonl or s3://bucket/prefix/")
     return bucket, key
@@ -191,13 +189,13 @@ def load_local(path: Path, *, file_format: str | None, cache_dir: Path, shown_as
     return loaded
 
 
-def load_hub(dataset_id: str, *, hf_config: str | None, split: str, cache_dir: Path) -> datasets.Dataset:
+def load_hub(dataset_id: str, *, hf_config: str | None, split: str, cache_dir: Path, token: str | None) -> datasets.Dataset:
     try:
         loaded = datasets.load_dataset(
             dataset_id,
             hf_config,
             split=split,
-            token=os.environ.get("HF_TOKEN") or None,
+            token=token or None,
             cache_dir=str(cache_dir / "datasets"),
         )
     except FileNotFoundError as error:

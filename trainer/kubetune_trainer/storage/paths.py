@@ -1,18 +1,22 @@
-"""S3 URIs and keys, and the local files that map to them."""
+"""S3 URIs, the local files that map to keys, and the SHA-256 digests of both (key names come from ``kubetune_api.layout``)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
+from typing import Any
 
-from kubetune_trainer.storage_errors import StorageError
+from kubetune_trainer.locations import S3_SCHEME
+from kubetune_trainer.storage.errors import StorageError
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """Split ``s3://bucket/key/prefix`` into ``("bucket", "key/prefix")``; the key may be empty."""
-    if not uri.startswith("s3://"):
+    if not uri.startswith(S3_SCHEME):
         raise ValueError(f"not an s3:// URI: {uri!r}")
-    bucket, _, key = uri[len("s3://") :].partition("/")
+    bucket, _, key = uri.removeprefix(S3_SCHEME).partition("/")
     if not bucket:
         raise ValueError(f"s3 URI without a bucket: {uri!r}")
     return bucket, key
@@ -27,11 +31,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def join_key(*parts: str) -> str:
-    """Join key segments with single slashes, dropping empty ones."""
-    return "/".join(part.strip("/") for part in parts if part.strip("/"))
-
-
 def iter_files(root: Path) -> list[Path]:
     """Regular files under ``root``, sorted by relative path, so uploads and manifests are deterministic."""
     return sorted((path for path in root.rglob("*") if path.is_file()), key=lambda path: path.relative_to(root).as_posix())
@@ -43,3 +42,20 @@ def safe_relative_path(relative: str) -> PurePosixPath:
     if not relative or path.is_absolute() or ".." in path.parts:
         raise StorageError(f"refusing to write object key suffix {relative!r} outside the target directory")
     return path
+
+
+def object_sha256(response: Mapping[str, Any]) -> str | None:
+    """Hex SHA-256 of the whole object from S3's own checksum, or None when S3 has none for it.
+
+    A multipart object's SHA-256 checksum is a checksum of its part checksums (COMPOSITE), not the
+    file's digest, so it is only used for single-part objects (ETag without a "-N" part count).
+    """
+    value = response.get("ChecksumSHA256")
+    multipart = "-" in str(response.get("ETag", "")) or response.get("ChecksumType") == "COMPOSITE"
+    if not isinstance(value, str) or multipart or "-" in value:
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+    return raw.hex() if len(raw) == 32 else None

@@ -1,4 +1,4 @@
-"""Checkpoints in S3 against a real endpoint: completion markers, newest complete step, download, pruning."""
+"""Checkpoints in S3 (storage.checkpoints) against a real endpoint: completion markers, newest complete step, download, pruning."""
 
 from __future__ import annotations
 
@@ -9,33 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_api.recipe import OutputSpec
-from kubetune_trainer.remote_checkpoints import (
-    CHECKPOINT_MANIFEST,
-    CheckpointRef,
-    complete_checkpoints,
-    download_checkpoint,
-    newest_complete,
-    prune,
-    step_prefix,
-    upload_checkpoint,
-)
-from kubetune_trainer.storage import S3Store
-from kubetune_trainer.storage_errors import StorageError
-from kubetune_trainer.storage_paths import sha256_file
+from kubetune_api.layout import CHECKPOINT_MARKER, step_prefix
+from kubetune_api.result import CheckpointRef
+from kubetune_trainer.storage.checkpoints import complete_checkpoints, download_checkpoint, newest_complete, prune, upload_checkpoint
+from kubetune_trainer.storage.errors import StorageError
+from kubetune_trainer.storage.paths import sha256_file
+from kubetune_trainer.storage.store import S3Store
 from tests.support import s3 as s3_support
 from tests.support.s3 import MotoS3Server
+from tests.support.storage import make_store
 
 # The shared S3 endpoint fixtures, visible to this module's tests.
 s3_server = s3_support.s3_server
 s3_bucket = s3_support.s3_bucket
 
 RUN_PREFIX = "runs/team-a/demo"
-
-
-def make_store(server: MotoS3Server, bucket: str) -> S3Store:
-    output = OutputSpec(bucket=bucket, endpoint_url=server.endpoint_url, region="us-east-1")
-    return S3Store.from_output(output, env=server.env())
 
 
 def write_checkpoint(folder: Path, step: int) -> Path:
@@ -57,7 +45,7 @@ def test_upload_writes_files_then_a_marker(s3_server: MotoS3Server, s3_bucket: s
     store = make_store(s3_server, s3_bucket)
     uri = upload_step(store, tmp_path, 10)
     assert uri == f"s3://{s3_bucket}/{RUN_PREFIX}/checkpoints/step-10/"
-    marker = store.get_json(step_prefix(RUN_PREFIX, 10) + CHECKPOINT_MANIFEST)
+    marker = store.get_json(step_prefix(RUN_PREFIX, 10) + CHECKPOINT_MARKER)
     assert isinstance(marker, dict)
     assert marker["step"] == 10 and marker["meta"] == {"loss": 0.1}
     assert datetime.fromisoformat(marker["created"]).tzinfo is not None
@@ -65,7 +53,7 @@ def test_upload_writes_files_then_a_marker(s3_server: MotoS3Server, s3_bucket: s
     assert {f["path"]: (f["sha256"], f["size"]) for f in marker["files"]} == {
         p.relative_to(local).as_posix(): (sha256_file(p), p.stat().st_size) for p in local.rglob("*") if p.is_file()
     }
-    assert newest_complete(store, RUN_PREFIX) == CheckpointRef(10, uri)
+    assert newest_complete(store, RUN_PREFIX) == CheckpointRef(step=10, uri=uri)
 
 
 @pytest.mark.unit
@@ -84,7 +72,7 @@ def test_newest_complete_skips_unfinished_checkpoints(s3_server: MotoS3Server, s
     store.put_json(f"{RUN_PREFIX}/checkpoints/notes/readme.json", {})
 
     # Numeric order: step-20 is newer than step-5 although "step-5" sorts after "step-20".
-    assert newest_complete(store, RUN_PREFIX) == (20, uri_20)
+    assert newest_complete(store, RUN_PREFIX) == CheckpointRef(step=20, uri=uri_20)
     assert [ref.step for ref in complete_checkpoints(store, RUN_PREFIX)] == [20, 5]
 
 
@@ -94,7 +82,7 @@ def test_download_restores_the_checkpoint(s3_server: MotoS3Server, s3_bucket: st
     uri = upload_step(store, tmp_path, 7)
     target = tmp_path / "restored"
     restored = download_checkpoint(store, uri, target)
-    assert restored.step == 7 and restored.meta == {"loss": 1.0 / 7} and restored.path == target
+    assert restored.step == 7 and restored.path == target
     source = tmp_path / "local-7"
     for path in source.rglob("*"):
         if path.is_file():
@@ -121,8 +109,9 @@ def test_reuploading_a_step_replaces_it(s3_server: MotoS3Server, s3_bucket: str,
     changed = write_checkpoint(tmp_path / "again", 10)
     (changed / "trainer_state.json").write_text(json.dumps({"step": 10, "attempt": 2}))
     uri = upload_checkpoint(store, changed, RUN_PREFIX, 10, {"loss": 0.5})
-    restored = download_checkpoint(store, uri, tmp_path / "out")
-    assert restored.meta == {"loss": 0.5}
+    download_checkpoint(store, uri, tmp_path / "out")
+    marker = store.get_json(step_prefix(RUN_PREFIX, 10) + CHECKPOINT_MARKER)
+    assert marker is not None and marker["meta"] == {"loss": 0.5}
     assert json.loads((tmp_path / "out" / "trainer_state.json").read_text()) == {"step": 10, "attempt": 2}
 
 

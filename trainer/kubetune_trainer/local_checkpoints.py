@@ -1,10 +1,11 @@
-"""Local checkpoints of the full training state, and picking the one to resume from.
+"""The full training state on local disk: saving a checkpoint folder, loading one, pruning old ones.
 
 A checkpoint folder ``step-<N>`` holds the adapter weights (safetensors), the optimizer and
 scheduler states, each rank's RNG states and ``trainer_state.json`` (step, data position, token
 count, loss history). ``trainer_state.json`` is written last: a folder without it is incomplete
-and never resumed from. Uploading and downloading is remote_checkpoints' job; this module only
-reads and writes a local folder.
+and never resumed from. Uploading and downloading the folder is ``storage.checkpoints``' job; this
+module only reads and writes local disk. peft is imported where adapters are read or written: it
+brings transformers, seconds of import that the modules of the training loop do not otherwise pay.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from kubetune_trainer.loss import LossModel
 
@@ -100,8 +102,6 @@ def save(
     rng_states: list[dict[str, Any]],
 ) -> Path:
     """Write checkpoint ``step-<state.step>`` under ``root``; ``rng_states`` holds one entry per rank."""
-    from safetensors.torch import save_file
-
     target = step_dir(root, state.step)
     if target.exists():
         shutil.rmtree(target)
@@ -137,7 +137,6 @@ def newest(root: Path) -> Path | None:
 def load(directory: Path, *, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int) -> TrainingState:
     """Restore a checkpoint written by ``save`` into the given objects; returns the training state."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     inner = peft_model_of(model)
     weights = load_file(str(directory / ADAPTER_FILE))

@@ -17,15 +17,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.storage import S3Store
-from kubetune_trainer.storage_errors import StorageError
-from kubetune_trainer.storage_paths import iter_files, join_key, parse_s3_uri
+from kubetune_api import layout
+from kubetune_api.runtime import TrainerConfig
+from kubetune_trainer.storage.errors import StorageError
+from kubetune_trainer.storage.paths import iter_files, parse_s3_uri
+from kubetune_trainer.storage.store import S3Store
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
-ADAPTER_FOLDER = "adapter"
-MERGED_FOLDER = "merged"
 RESERVED_MANIFEST_KEYS = frozenset({"schemaVersion", "kind", "created", "files", "sizeBytes"})
+LOSS_HISTORY_KEPT = 200
 
 
 @dataclass(frozen=True)
@@ -49,34 +49,30 @@ class PublishResult:
     size_bytes: int
     files: list[ManifestFile]
 
-    @property
-    def adapter_uri(self) -> str:
-        return self.uri
-
 
 def publish_adapter(store: S3Store, local_dir: Path, run_prefix: str, manifest_extra: dict[str, Any]) -> PublishResult:
-    """Upload the saved adapter in ``local_dir`` to ``<run_prefix>/adapter/`` with its manifest last.
+    """Upload the saved adapter in ``local_dir`` to ``layout.adapter_prefix(run_prefix)`` with its manifest last.
 
-    ``manifest_extra`` adds the run's description (base model and revision, dataset,
+    ``manifest_extra`` adds the run's description (``run_manifest``: base model and revision, dataset,
     hyperparameters, metrics summary) to the manifest.
     """
-    return _publish(store, local_dir, join_key(run_prefix, ADAPTER_FOLDER), manifest_extra, kind="AdapterManifest")
+    return _publish(store, local_dir, layout.adapter_prefix(run_prefix), manifest_extra, kind="AdapterManifest")
 
 
 def publish_merged(store: S3Store, local_dir: Path, run_prefix: str, manifest_extra: dict[str, Any]) -> PublishResult:
-    """Upload the merged model in ``local_dir`` to ``<run_prefix>/merged/`` with the same manifest scheme."""
-    return _publish(store, local_dir, join_key(run_prefix, MERGED_FOLDER), manifest_extra, kind="MergedModelManifest")
+    """Upload the merged model in ``local_dir`` to ``layout.merged_prefix(run_prefix)`` with the same manifest scheme."""
+    return _publish(store, local_dir, layout.merged_prefix(run_prefix), manifest_extra, kind="MergedModelManifest")
 
 
 def _publish(store: S3Store, local_dir: Path, prefix: str, manifest_extra: dict[str, Any], *, kind: str) -> PublishResult:
     clash = RESERVED_MANIFEST_KEYS & manifest_extra.keys()
     if clash:
         raise ValueError(f"manifest_extra may not set {sorted(clash)}: the publication fills them in")
-    paths = [path for path in iter_files(local_dir) if path.relative_to(local_dir).as_posix() != MANIFEST_NAME]
+    paths = [path for path in iter_files(local_dir) if path.relative_to(local_dir).as_posix() != layout.MANIFEST]
     if not paths:
         raise StorageError(f"nothing to publish: {local_dir} holds no files")
 
-    manifest_key = join_key(prefix, MANIFEST_NAME)
+    manifest_key = layout.join_key(prefix, layout.MANIFEST)
     # Withdraw an earlier manifest before touching its files, so readers never see a manifest
     # that vouches for files in the middle of being replaced.
     store.delete_keys([manifest_key])
@@ -84,10 +80,10 @@ def _publish(store: S3Store, local_dir: Path, prefix: str, manifest_extra: dict[
     files: list[ManifestFile] = []
     for path in paths:
         relative = path.relative_to(local_dir).as_posix()
-        info = store.upload_file(path, join_key(prefix, relative))
+        info = store.upload_file(path, layout.join_key(prefix, relative))
         files.append(ManifestFile(path=relative, sha256=info.sha256 or "", size=info.size))
 
-    listed = {join_key(prefix, item.path) for item in files}
+    listed = {layout.join_key(prefix, item.path) for item in files}
     stale = [key for key in store.list_keys(prefix + "/") if key not in listed and key != manifest_key]
     store.delete_keys(stale)
 
@@ -103,7 +99,7 @@ def _publish(store: S3Store, local_dir: Path, prefix: str, manifest_extra: dict[
     data = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
     store.put_bytes(manifest_key, data, content_type="application/json")
     return PublishResult(
-        uri=f"s3://{store.bucket}/{prefix}/",
+        uri=store.uri(prefix + "/"),
         manifest_sha256=hashlib.sha256(data).hexdigest(),
         size_bytes=size_bytes,
         files=files,
@@ -119,11 +115,11 @@ def _prefix_of(store: S3Store, uri: str) -> str:
 
 def read_manifest(store: S3Store, uri: str) -> dict[str, Any] | None:
     """The manifest of the publication at ``uri`` (an s3:// folder), or None when it has none."""
-    document = store.get_json(join_key(_prefix_of(store, uri), MANIFEST_NAME))
+    document = store.get_json(layout.join_key(_prefix_of(store, uri), layout.MANIFEST))
     if document is None:
         return None
     if not isinstance(document, dict):
-        raise StorageError(f"{uri}{MANIFEST_NAME} is not a JSON object")
+        raise StorageError(f"{uri}{layout.MANIFEST} is not a JSON object")
     return document
 
 
@@ -157,7 +153,7 @@ def verify_publication(store: S3Store, uri: str, *, deep: bool = False) -> bool:
         return False
     prefix = _prefix_of(store, uri)
     for item in files:
-        key = join_key(prefix, item.path)
+        key = layout.join_key(prefix, item.path)
         info = store.head(key)
         if info is None or info.size != item.size:
             return False
@@ -169,6 +165,23 @@ def verify_publication(store: S3Store, uri: str, *, deep: bool = False) -> bool:
     return True
 
 
-def verify_adapter(store: S3Store, adapter_uri: str, *, deep: bool = False) -> bool:
-    """True when the adapter at ``adapter_uri`` is completely published (see ``verify_publication``)."""
-    return verify_publication(store, adapter_uri, deep=deep)
+def run_manifest(
+    config: TrainerConfig, *, steps: int, tokens: int, final_loss: float | None, eval_loss: float | None, losses: list[tuple[int, float]]
+) -> dict[str, Any]:
+    """What a publication's manifest records about the run besides the file list: inputs, settings, results."""
+    quantization = config.effective_quantization()
+    return {
+        "baseModel": {"source": config.model.source, "revision": config.model.revision},
+        "dataset": config.dataset.to_api(),
+        "method": config.method.value,
+        "lora": config.lora.to_api(),
+        "quantization": quantization.to_api() if quantization else None,
+        "training": config.training.to_api(),
+        "metrics": {
+            "steps": steps,
+            "finalLoss": final_loss,
+            "evalLoss": eval_loss,
+            "tokens": tokens,
+            "lossHistory": losses[-LOSS_HISTORY_KEPT:],
+        },
+    }

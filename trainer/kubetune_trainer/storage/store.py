@@ -22,17 +22,19 @@ import os
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from kubetune_api import layout
 from kubetune_api.recipe import OutputSpec
-from kubetune_trainer.storage_errors import (
+from kubetune_api.runtime import TrainerEnvironment
+from kubetune_trainer.storage.errors import (
     StorageAccessError,
     StorageError,
     StorageIntegrityError,
@@ -42,58 +44,13 @@ from kubetune_trainer.storage_errors import (
     describe,
     error_code,
 )
-from kubetune_trainer.storage_paths import iter_files, join_key, safe_relative_path, sha256_file
+from kubetune_trainer.storage.paths import iter_files, object_sha256, safe_relative_path, sha256_file
+from kubetune_trainer.storage.settings import NullObserver, StorageObserver, StoreSettings
 
-Direction = Literal["upload", "download"]
 T = TypeVar("T")
 
 SHA256_METADATA_KEY = "sha256"
 """User metadata key (x-amz-meta-sha256) holding the hex SHA-256 of the whole object."""
-
-
-class StorageObserver(Protocol):
-    """Receives transfer volume and retry events, e.g. to feed Prometheus counters."""
-
-    def on_bytes(self, direction: Direction, n: int) -> None: ...
-
-    def on_retry(self) -> None: ...
-
-
-class NullObserver:
-    """Observer that discards events."""
-
-    def on_bytes(self, direction: Direction, n: int) -> None:
-        return None
-
-    def on_retry(self) -> None:
-        return None
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with jitter, bounded by the total time spent on one operation."""
-
-    max_total_seconds: float = 300.0
-    initial_delay_seconds: float = 0.5
-    max_delay_seconds: float = 20.0
-    multiplier: float = 2.0
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        """Sleep before retry number ``attempt`` (0-based): half fixed, half random so writers spread out."""
-        ceiling = min(self.max_delay_seconds, self.initial_delay_seconds * self.multiplier**attempt)
-        return ceiling / 2 + rng.uniform(0, ceiling / 2)
-
-
-@dataclass(frozen=True)
-class StoreSettings:
-    """Connection tuning; the defaults suit real S3, tests shorten them."""
-
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    multipart_threshold_bytes: int = 64 * 1024 * 1024
-    multipart_chunk_bytes: int = 64 * 1024 * 1024
-    max_concurrency: int = 4
-    connect_timeout_seconds: float = 10.0
-    read_timeout_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -136,7 +93,7 @@ class S3Store:
         cls,
         output: OutputSpec,
         *,
-        env: Mapping[str, str] | None = None,
+        environment: TrainerEnvironment | None = None,
         settings: StoreSettings | None = None,
         observer: StorageObserver | None = None,
     ) -> S3Store:
@@ -145,10 +102,10 @@ class S3Store:
         Without AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY boto3's default chain applies (instance
         profile, web identity), which is what "no credentialsSecret" means in the spec.
         """
-        env = os.environ if env is None else env
+        environment = environment or TrainerEnvironment()
         settings = settings or StoreSettings()
-        endpoint = output.endpoint_url or env.get("AWS_ENDPOINT_URL") or None
-        region = output.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+        endpoint = output.endpoint_url or environment.aws_endpoint_url or None
+        region = output.region or environment.aws_region or "us-east-1"
         config = Config(
             region_name=region,
             connect_timeout=settings.connect_timeout_seconds,
@@ -159,12 +116,10 @@ class S3Store:
             # S3-compatible stores (MinIO, Ceph) rarely serve virtual-hosted bucket names.
             s3={"addressing_style": "path" if endpoint else "auto"},
         )
-        key_id = env.get("AWS_ACCESS_KEY_ID")
-        secret = env.get("AWS_SECRET_ACCESS_KEY")
         session = boto3.session.Session(
-            aws_access_key_id=key_id or None,
-            aws_secret_access_key=secret or None,
-            aws_session_token=env.get("AWS_SESSION_TOKEN") or None,
+            aws_access_key_id=environment.aws_access_key_id or None,
+            aws_secret_access_key=environment.aws_secret_access_key or None,
+            aws_session_token=environment.aws_session_token or None,
         )
         client = session.client("s3", endpoint_url=endpoint, config=config)
         return cls(client, output.bucket, endpoint_url=endpoint, settings=settings, observer=observer)
@@ -186,13 +141,13 @@ class S3Store:
                 if kind == "access":
                     raise StorageAccessError(self._access_message(operation, key, error)) from error
                 if kind == "other" and any(isinstance(cause, ClientError) for cause in causes(error)):
-                    raise StorageError(f"S3 {operation} of s3://{self.bucket}/{key} failed ({describe(error)})") from error
+                    raise StorageError(f"S3 {operation} of {self.uri(key)} failed ({describe(error)})") from error
                 if kind != "retry":
                     raise
                 delay = policy.delay(attempt, self._rng)
                 if time.monotonic() + delay > deadline:
                     raise StorageUnavailableError(
-                        f"S3 {operation} of s3://{self.bucket}/{key} failed {attempt + 1} times in "
+                        f"S3 {operation} of {self.uri(key)} failed {attempt + 1} times in "
                         f"{time.monotonic() - began:.0f}s ({describe(error)}); check that the endpoint "
                         f"{self.endpoint_url or 'AWS S3'} is reachable from the pod. The job is retried from its newest checkpoint."
                     ) from error
@@ -202,7 +157,7 @@ class S3Store:
 
     def _access_message(self, operation: str, key: str, error: BaseException) -> str:
         return (
-            f"S3 refused {operation} of s3://{self.bucket}/{key} ({describe(error)}). Check that bucket "
+            f"S3 refused {operation} of {self.uri(key)} ({describe(error)}). Check that bucket "
             f"'{self.bucket}' exists at {self.endpoint_url or 'AWS S3'} in the configured region (spec.output.bucket, endpointUrl, region) "
             "and that the key pair in spec.output.credentialsSecret may read and write it."
         )
@@ -210,7 +165,7 @@ class S3Store:
     # ---- objects ------------------------------------------------------------------------------
 
     def uri(self, key: str) -> str:
-        return f"s3://{self.bucket}/{key}"
+        return layout.uri(self.bucket, key)
 
     def head(self, key: str) -> ObjectInfo | None:
         """Size and recorded SHA-256 of an object, or None when it does not exist."""
@@ -224,7 +179,7 @@ class S3Store:
                 return None
             raise
         metadata = response.get("Metadata") or {}
-        sha = metadata.get(SHA256_METADATA_KEY) or _full_object_sha256(response)
+        sha = metadata.get(SHA256_METADATA_KEY) or object_sha256(response)
         return ObjectInfo(key=key, size=int(response["ContentLength"]), sha256=sha)
 
     def exists(self, key: str) -> bool:
@@ -278,11 +233,11 @@ class S3Store:
 
     def _check_uploaded(self, key: str, response: Mapping[str, Any], size: int, digest: str) -> None:
         stored_size = int(response["ContentLength"])
-        server_sha = _full_object_sha256(response)
+        server_sha = object_sha256(response)
         recorded = (response.get("Metadata") or {}).get(SHA256_METADATA_KEY)
         if stored_size != size or (server_sha is not None and server_sha != digest) or recorded != digest:
             raise StorageIntegrityError(
-                f"s3://{self.bucket}/{key} does not match the uploaded file (size {stored_size} vs {size}, sha256 {server_sha or recorded} vs {digest})"
+                f"{self.uri(key)} does not match the uploaded file (size {stored_size} vs {size}, sha256 {server_sha or recorded} vs {digest})"
             )
 
     def upload_dir(self, local_dir: Path, prefix: str, *, skip_if_identical: bool = True) -> list[ObjectInfo]:
@@ -290,7 +245,7 @@ class S3Store:
         uploaded: list[ObjectInfo] = []
         for path in iter_files(local_dir):
             relative = path.relative_to(local_dir).as_posix()
-            uploaded.append(self.upload_file(path, join_key(prefix, relative), skip_if_identical=skip_if_identical))
+            uploaded.append(self.upload_file(path, layout.join_key(prefix, relative), skip_if_identical=skip_if_identical))
         return uploaded
 
     def download_file(self, key: str, local_path: Path) -> ObjectInfo:
@@ -301,12 +256,12 @@ class S3Store:
         def call() -> ObjectInfo:
             info = self._head_once(key)
             if info is None:
-                raise StorageError(f"s3://{self.bucket}/{key} does not exist")
+                raise StorageError(f"{self.uri(key)} does not exist")
             self.client.download_file(self.bucket, key, str(partial), Config=self._transfer)
             size = partial.stat().st_size
             if size != info.size or (info.sha256 is not None and sha256_file(partial) != info.sha256):
                 partial.unlink(missing_ok=True)
-                raise StorageIntegrityError(f"download of s3://{self.bucket}/{key} does not match the stored object's size or sha256")
+                raise StorageIntegrityError(f"download of {self.uri(key)} does not match the stored object's size or sha256")
             os.replace(partial, local_path)
             return info
 
@@ -356,15 +311,12 @@ class S3Store:
         """An object's content, or None when it does not exist."""
 
         def call() -> bytes | None:
-            try:
-                response = self.client.get_object(Bucket=self.bucket, Key=key)
-            except ClientError as error:
-                if error_code(error) in {"NoSuchKey", "404"}:
-                    return None
-                raise
+            response = self._get_object_once(key)
+            if response is None:
+                return None
             body: bytes = response["Body"].read()
             if len(body) != int(response["ContentLength"]):
-                raise StorageIntegrityError(f"short read of s3://{self.bucket}/{key}")
+                raise StorageIntegrityError(f"short read of {self.uri(key)}")
             return body
 
         data = self._retrying("download", key, call)
@@ -376,19 +328,16 @@ class S3Store:
         """Hex SHA-256 of an object's content, streamed (not held in memory); None when it does not exist."""
 
         def call() -> tuple[str, int] | None:
-            try:
-                response = self.client.get_object(Bucket=self.bucket, Key=key)
-            except ClientError as error:
-                if error_code(error) in {"NoSuchKey", "404"}:
-                    return None
-                raise
+            response = self._get_object_once(key)
+            if response is None:
+                return None
             digest = hashlib.sha256()
             read = 0
             for chunk in response["Body"].iter_chunks(1 << 20):
                 digest.update(chunk)
                 read += len(chunk)
             if read != int(response["ContentLength"]):
-                raise StorageIntegrityError(f"short read of s3://{self.bucket}/{key}")
+                raise StorageIntegrityError(f"short read of {self.uri(key)}")
             return digest.hexdigest(), read
 
         result = self._retrying("download", key, call)
@@ -396,6 +345,15 @@ class S3Store:
             return None
         self.observer.on_bytes("download", result[1])
         return result[0]
+
+    def _get_object_once(self, key: str) -> Any:
+        """The GET response of an object (its body still to read), or None when it does not exist."""
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as error:
+            if error_code(error) in {"NoSuchKey", "404"}:
+                return None
+            raise
 
     def put_json(self, key: str, document: Any) -> ObjectInfo:
         data = json.dumps(document, indent=2, sort_keys=True).encode("utf-8")
@@ -449,20 +407,3 @@ class S3Store:
         keys = self.list_keys(prefix)
         self.delete_keys(keys)
         return len(keys)
-
-
-def _full_object_sha256(response: Mapping[str, Any]) -> str | None:
-    """Hex SHA-256 of the whole object from S3's own checksum, or None when S3 has none for it.
-
-    A multipart object's SHA-256 checksum is a checksum of its part checksums (COMPOSITE), not the
-    file's digest, so it is only used for single-part objects (ETag without a "-N" part count).
-    """
-    value = response.get("ChecksumSHA256")
-    multipart = "-" in str(response.get("ETag", "")) or response.get("ChecksumType") == "COMPOSITE"
-    if not isinstance(value, str) or multipart or "-" in value:
-        return None
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except ValueError:
-        return None
-    return raw.hex() if len(raw) == 32 else None

@@ -13,12 +13,16 @@ from typing import Any
 import pytest
 
 from kubetune_api.exitcodes import NON_RETRIABLE, ExitCode
+from kubetune_api.layout import join_key
 from kubetune_api.recipe import OutputSpec
-from kubetune_trainer.storage import RetryPolicy, S3Store, StoreSettings
-from kubetune_trainer.storage_errors import StorageAccessError, StorageError, StorageUnavailableError
-from kubetune_trainer.storage_paths import join_key, parse_s3_uri, safe_relative_path, sha256_file
+from kubetune_api.runtime import TrainerEnvironment
+from kubetune_trainer.storage.errors import StorageAccessError, StorageError, StorageUnavailableError
+from kubetune_trainer.storage.paths import parse_s3_uri, safe_relative_path, sha256_file
+from kubetune_trainer.storage.settings import RetryPolicy, StoreSettings
+from kubetune_trainer.storage.store import S3Store
 from tests.support import s3 as s3_support
 from tests.support.s3 import MotoS3Server, free_port
+from tests.support.storage import CountingObserver, make_store
 
 # The shared S3 endpoint fixtures, visible to this module's tests.
 s3_server = s3_support.s3_server
@@ -27,23 +31,6 @@ s3_bucket = s3_support.s3_bucket
 FAST_RETRY = StoreSettings(
     retry=RetryPolicy(max_total_seconds=1.0, initial_delay_seconds=0.05, max_delay_seconds=0.2), connect_timeout_seconds=1, read_timeout_seconds=5
 )
-
-
-class CountingObserver:
-    def __init__(self) -> None:
-        self.bytes: dict[str, int] = {"upload": 0, "download": 0}
-        self.retries = 0
-
-    def on_bytes(self, direction: str, n: int) -> None:
-        self.bytes[direction] += n
-
-    def on_retry(self) -> None:
-        self.retries += 1
-
-
-def make_store(server: MotoS3Server, bucket: str, settings: StoreSettings | None = None, observer: CountingObserver | None = None) -> S3Store:
-    output = OutputSpec(bucket=bucket, endpoint_url=server.endpoint_url, region="us-east-1")
-    return S3Store.from_output(output, env=server.env(), settings=settings, observer=observer)
 
 
 def random_file(path: Path, size: int, seed: int = 0) -> Path:
@@ -252,7 +239,7 @@ def test_unreachable_endpoint_gives_up_after_the_retry_budget(tmp_path: Path) ->
     observer = CountingObserver()
     output = OutputSpec(bucket="bucket", endpoint_url=f"http://127.0.0.1:{free_port()}")
     env = {"AWS_ACCESS_KEY_ID": "key-id", "AWS_SECRET_ACCESS_KEY": "a-secret-value"}
-    store = S3Store.from_output(output, env=env, settings=FAST_RETRY, observer=observer)
+    store = S3Store.from_output(output, environment=TrainerEnvironment.model_validate(env), settings=FAST_RETRY, observer=observer)
     with pytest.raises(StorageUnavailableError) as caught:
         store.put_json("a.json", {})
     assert caught.value.exit_code is ExitCode.STORAGE_UNAVAILABLE
@@ -280,14 +267,17 @@ def test_denied_write_and_unknown_key_are_access_errors(iam_s3: tuple[MotoS3Serv
     server, bucket, key_id, secret = iam_s3
     output = OutputSpec(bucket=bucket, endpoint_url=server.endpoint_url)
     observer = CountingObserver()
-    reader = S3Store.from_output(output, env={"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret}, observer=observer)
+    reader = S3Store.from_output(
+        output, environment=TrainerEnvironment.model_validate({"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret}), observer=observer
+    )
     assert reader.list_keys("") == []
     with pytest.raises(StorageAccessError) as denied:
         reader.upload_file(random_file(tmp_path / "a.bin", 100), "adapter/a.bin")
     assert "AccessDenied" in denied.value.message and "guarded" in denied.value.message
     assert secret not in denied.value.message and key_id not in denied.value.message
 
-    stranger = S3Store.from_output(output, env={"AWS_ACCESS_KEY_ID": "AKIAUNKNOWNKEY000000", "AWS_SECRET_ACCESS_KEY": "wrong-secret-value"}, observer=observer)
+    stranger_environment = TrainerEnvironment.model_validate({"AWS_ACCESS_KEY_ID": "AKIAUNKNOWNKEY000000", "AWS_SECRET_ACCESS_KEY": "wrong-secret-value"})
+    stranger = S3Store.from_output(output, environment=stranger_environment, observer=observer)
     with pytest.raises(StorageAccessError) as unknown:
         stranger.put_json("a.json", {})
     assert "InvalidAccessKeyId" in unknown.value.message and "wrong-secret-value" not in unknown.value.message

@@ -13,6 +13,7 @@ from botocore.exceptions import ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from kubetune_api.exitcodes import ExitCode
+from kubetune_trainer.errors import TrainerError
 
 ACCESS_ERROR_CODES = frozenset(
     {"AccessDenied", "AllAccessDisabled", "AccountProblem", "ExpiredToken", "Forbidden", "InvalidAccessKeyId", "InvalidBucketName"}
@@ -27,14 +28,10 @@ RETRIABLE_ERROR_CODES = frozenset(
 """S3 error codes worth another attempt (besides every 5xx and 429): throttling, server faults, bytes damaged in transit."""
 
 
-class StorageError(Exception):
+class StorageError(TrainerError):
     """An S3 operation failed; ``exit_code`` tells the trainer how to end."""
 
-    exit_code: ExitCode = ExitCode.RUNTIME_ERROR
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    exit_code = ExitCode.RUNTIME_ERROR
 
 
 class StorageAccessError(StorageError):

@@ -13,20 +13,14 @@ from typing import Any
 
 import pytest
 
-from kubetune_api.recipe import OutputSpec
-from kubetune_trainer.publish import (
-    MANIFEST_NAME,
-    publish_adapter,
-    publish_merged,
-    read_manifest,
-    verify_adapter,
-    verify_publication,
-)
-from kubetune_trainer.storage import RetryPolicy, S3Store, StoreSettings
-from kubetune_trainer.storage_errors import StorageError, StorageUnavailableError
-from kubetune_trainer.storage_paths import sha256_file
+from kubetune_api.layout import MANIFEST
+from kubetune_trainer.storage.errors import StorageError, StorageUnavailableError
+from kubetune_trainer.storage.paths import sha256_file
+from kubetune_trainer.storage.publish import publish_adapter, publish_merged, read_manifest, verify_publication
+from kubetune_trainer.storage.settings import RetryPolicy, StoreSettings
 from tests.support import s3 as s3_support
 from tests.support.s3 import MotoS3Server
+from tests.support.storage import CountingObserver, make_store
 
 # The shared S3 endpoint fixtures, visible to this module's tests.
 s3_server = s3_support.s3_server
@@ -40,23 +34,6 @@ EXTRA = {
     "training": {"maxSteps": 20, "learningRate": 0.0002},
     "metrics": {"finalLoss": 1.25, "steps": 20},
 }
-
-
-class CountingObserver:
-    def __init__(self) -> None:
-        self.bytes: dict[str, int] = {"upload": 0, "download": 0}
-        self.retries = 0
-
-    def on_bytes(self, direction: str, n: int) -> None:
-        self.bytes[direction] += n
-
-    def on_retry(self) -> None:
-        self.retries += 1
-
-
-def make_store(server: MotoS3Server, bucket: str, *, settings: StoreSettings | None = None, observer: CountingObserver | None = None) -> S3Store:
-    output = OutputSpec(bucket=bucket, endpoint_url=server.endpoint_url, region="us-east-1")
-    return S3Store.from_output(output, env=server.env(), settings=settings, observer=observer)
 
 
 def write_adapter(folder: Path, weights_bytes: int = 200_000, seed: int = 0) -> Path:
@@ -76,40 +53,40 @@ def test_publish_writes_files_and_a_complete_manifest(s3_server: MotoS3Server, s
 
     result = publish_adapter(store, local, RUN_PREFIX, EXTRA)
 
-    assert result.adapter_uri == f"s3://{s3_bucket}/{RUN_PREFIX}/adapter/"
+    assert result.uri == f"s3://{s3_bucket}/{RUN_PREFIX}/adapter/"
     expected = {p.name: (sha256_file(p), p.stat().st_size) for p in local.iterdir()}
     assert {f.path: (f.sha256, f.size) for f in result.files} == expected
     assert result.size_bytes == sum(size for _, size in expected.values())
-    stored = store.get_bytes(f"{RUN_PREFIX}/adapter/{MANIFEST_NAME}")
+    stored = store.get_bytes(f"{RUN_PREFIX}/adapter/{MANIFEST}")
     assert stored is not None and hashlib.sha256(stored).hexdigest() == result.manifest_sha256
 
-    manifest = read_manifest(store, result.adapter_uri)
+    manifest = read_manifest(store, result.uri)
     assert manifest is not None
     assert manifest["schemaVersion"] == 1 and manifest["kind"] == "AdapterManifest"
     assert datetime.fromisoformat(manifest["created"]).tzinfo is not None
     assert {f["path"]: (f["sha256"], f["size"]) for f in manifest["files"]} == expected
     for key, value in EXTRA.items():
         assert manifest[key] == value
-    assert verify_adapter(store, result.adapter_uri)
-    assert verify_adapter(store, result.adapter_uri, deep=True)
+    assert verify_publication(store, result.uri)
+    assert verify_publication(store, result.uri, deep=True)
 
 
 @pytest.mark.unit
 def test_verify_rejects_changed_or_missing_files(s3_server: MotoS3Server, s3_bucket: str, tmp_path: Path) -> None:
     store = make_store(s3_server, s3_bucket)
-    uri = publish_adapter(store, write_adapter(tmp_path / "adapter"), RUN_PREFIX, EXTRA).adapter_uri
+    uri = publish_adapter(store, write_adapter(tmp_path / "adapter"), RUN_PREFIX, EXTRA).uri
     weights_key = f"{RUN_PREFIX}/adapter/adapter_model.safetensors"
 
     # Same size, different bytes: only the checksum can tell.
     store.client.put_object(Bucket=s3_bucket, Key=weights_key, Body=b"\0" * 200_000)
-    assert not verify_adapter(store, uri)
-    assert not verify_adapter(store, uri, deep=True)
+    assert not verify_publication(store, uri)
+    assert not verify_publication(store, uri, deep=True)
 
     publish_adapter(store, tmp_path / "adapter", RUN_PREFIX, EXTRA)
-    assert verify_adapter(store, uri)
+    assert verify_publication(store, uri)
     store.delete_keys([f"{RUN_PREFIX}/adapter/tokenizer.json"])
-    assert not verify_adapter(store, uri)
-    assert not verify_adapter(store, f"s3://{s3_bucket}/{RUN_PREFIX}/nothing-here/")
+    assert not verify_publication(store, uri)
+    assert not verify_publication(store, f"s3://{s3_bucket}/{RUN_PREFIX}/nothing-here/")
 
 
 @pytest.mark.unit
@@ -122,10 +99,10 @@ def test_republishing_replaces_the_publication(s3_server: MotoS3Server, s3_bucke
     second = write_adapter(tmp_path / "second", seed=2)
     result = publish_adapter(store, second, RUN_PREFIX, {**EXTRA, "metrics": {"finalLoss": 0.5}})
 
-    assert verify_adapter(store, result.adapter_uri)
+    assert verify_publication(store, result.uri)
     keys = store.list_keys(f"{RUN_PREFIX}/adapter/")
     assert f"{RUN_PREFIX}/adapter/extra-notes.txt" not in keys, "a file of the earlier publication survived"
-    manifest = read_manifest(store, result.adapter_uri)
+    manifest = read_manifest(store, result.uri)
     assert manifest is not None and manifest["metrics"] == {"finalLoss": 0.5}
     assert store.get_json(f"{RUN_PREFIX}/adapter/adapter_config.json") == {"r": 8, "lora_alpha": 16, "seed": 2}
 
@@ -139,7 +116,7 @@ def test_interrupted_publish_is_incomplete_until_published_again(s3_server: Moto
     local = write_adapter(tmp_path / "adapter")
 
     def cut_before_manifest(request: Any, **_: Any) -> None:
-        if request.url.endswith(MANIFEST_NAME):
+        if request.url.endswith(MANIFEST):
             s3_server.stop()
 
     store.client.meta.events.register("before-send.s3.PutObject", cut_before_manifest)
@@ -153,13 +130,13 @@ def test_interrupted_publish_is_incomplete_until_published_again(s3_server: Moto
     uri = f"s3://{bucket}/{RUN_PREFIX}/adapter/"
     assert f"{RUN_PREFIX}/adapter/adapter_model.safetensors" in store.list_keys(f"{RUN_PREFIX}/adapter/")
     assert read_manifest(store, uri) is None
-    assert not verify_adapter(store, uri)
+    assert not verify_publication(store, uri)
 
     observer = CountingObserver()
     again = make_store(s3_server, bucket, observer=observer)
     result = publish_adapter(again, local, RUN_PREFIX, EXTRA)
-    assert verify_adapter(again, result.adapter_uri)
-    manifest_size = len(again.get_bytes(f"{RUN_PREFIX}/adapter/{MANIFEST_NAME}") or b"")
+    assert verify_publication(again, result.uri)
+    manifest_size = len(again.get_bytes(f"{RUN_PREFIX}/adapter/{MANIFEST}") or b"")
     assert observer.bytes["upload"] == manifest_size, "files already uploaded intact were sent again"
 
 
@@ -187,7 +164,7 @@ def test_publish_refuses_empty_folders_and_reserved_manifest_keys(s3_server: Mot
         publish_adapter(store, write_adapter(tmp_path / "adapter"), RUN_PREFIX, {"files": []})
 
 
-@pytest.mark.trainer
+@pytest.mark.unit
 def test_upload_survives_an_outage_in_the_middle(tmp_path: Path) -> None:
     """The endpoint drops every connection during a multipart upload and comes back 4 s later.
 
@@ -227,7 +204,7 @@ def test_upload_survives_an_outage_in_the_middle(tmp_path: Path) -> None:
         assert outage, "the outage never started"
         assert elapsed >= outage_seconds
         assert observer.retries >= 1
-        assert verify_adapter(store, result.adapter_uri, deep=True)
+        assert verify_publication(store, result.uri, deep=True)
         copy = tmp_path / "copy.safetensors"
         store.download_file(f"{RUN_PREFIX}/adapter/adapter_model.safetensors", copy)
         assert copy.read_bytes() == (local / "adapter_model.safetensors").read_bytes()
