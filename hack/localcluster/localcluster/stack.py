@@ -353,7 +353,6 @@ class KubetuneStack(Stack):
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "hack" / "localcluster"), str(REPO)])},
         )
 
     def stop_agent(self) -> None:

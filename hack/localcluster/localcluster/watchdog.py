@@ -52,15 +52,12 @@ class Watchdog:
     def start(self) -> None:
         if self._process is not None:
             return
-        package_root = str(Path(__file__).resolve().parents[1])
-        path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
         self._process = subprocess.Popen(
             [sys.executable, "-m", "localcluster.watchdog", str(self.workdir)],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            env={**os.environ, "PYTHONPATH": path},
         )
 
     def stop(self) -> None:
