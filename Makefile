@@ -59,7 +59,7 @@ crds: setup ## Regenerate crds/ and the chart's CRD from the API models.
 	$(BIN)/python -m kubetune_operator.crdgen
 
 demo: setup tools ## Run the tiny CPU FinetuneJob end to end on the local cluster.
-	$(BIN)/python -m localcluster.demo $(DEMO_ARGS)
+	$(BIN)/python -m tests.e2e.support.demo $(DEMO_ARGS)
 
 cluster-up: setup tools ## Start the local cluster (kubeconfig in .cache/cluster/kubeconfig).
 	$(BIN)/python -m localcluster up --workdir .cache/cluster

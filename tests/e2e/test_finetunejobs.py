@@ -16,7 +16,7 @@ import pytest
 from kubetune_api.recipe import OutputSpec
 from kubetune_trainer.publish import verify_adapter
 from kubetune_trainer.storage import S3Store
-from localcluster.stack import Stack
+from tests.e2e.support.stack import Stack
 from tests.support.invalid_specs import INVALID_SPECS, InvalidSpec, apply_change
 
 pytestmark = pytest.mark.e2e
