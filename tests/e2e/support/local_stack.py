@@ -22,11 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from localcluster.cluster import LocalCluster
-from localcluster.prometheus import Prometheus
+from localcluster.prometheus import JobRule, Prometheus
 from localcluster.s3 import MotoS3Server
 from localcluster.tools import locate_bin_dir
 from localcluster.watchdog import Watchdog
 from tests.e2e.support.stack import Stack, StackSettings, merge_values
+
+# The job names the chart's ServiceMonitor and PodMonitor give the operator and the trainers; its
+# dashboards and alert rules select on them.
+CHART_JOBS: list[JobRule] = [
+    ({"app.kubernetes.io/part-of": "kubetune", "app.kubernetes.io/component": "operator"}, "kubetune-operator"),
+    ({"app.kubernetes.io/name": "kubetune-trainer"}, "kubetune-trainer"),
+]
 
 
 def local_chart_values(settings: StackSettings) -> dict[str, Any]:
@@ -76,7 +83,7 @@ class KubetuneStack(Stack):
             self.s3.start()
             self.seed_s3()
             progress("starting Prometheus")
-            self.prometheus = Prometheus(self.workdir / "prometheus", self.cluster.kubeconfig, self.settings.prometheus_interval_seconds)
+            self.prometheus = Prometheus(self.workdir / "prometheus", self.cluster.kubeconfig, self.settings.prometheus_interval_seconds, job_rules=CHART_JOBS)
             self.prometheus.start()
             progress("installing kubetune with helm")
             self.prepare_namespaces()
