@@ -40,11 +40,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(_ROOT / "trainer"), str(_ROOT / "hack" / "localcluster"), str(_ROOT)]
+from localcluster.s3 import MotoS3Server, free_port
 
-from bench._throughput_common import ROOT, Measurement, Settings, write_dataset  # noqa: E402
-from tests.support.s3 import MotoS3Server, free_port  # noqa: E402
+# Run as a script, only bench/ itself is on the path; its sibling modules are imported as the bench package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._throughput_common import ROOT, Measurement, Settings, write_dataset
 
 PEERS = ("hf-padded", "trl-packed", "bare")
 KUBETUNE_VARIANTS = ("kubetune", "kubetune-no-ckpt")
@@ -67,8 +68,6 @@ def child_env(extra: dict[str, str] | None = None, threads: int = 0) -> dict[str
     env = dict(os.environ)
     if threads > 0:
         env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
-    paths = [str(ROOT / "trainer"), str(ROOT / "operator"), str(ROOT / "hack" / "localcluster"), str(ROOT)]
-    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return {**env, **(extra or {})}
