@@ -40,6 +40,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from kubetune_api.result import TerminationMessage
 from localcluster.s3 import MotoS3Server, free_port
 
 # Run as a script, only bench/ itself is on the path; its sibling modules are imported as the bench package.
@@ -183,8 +184,10 @@ def run_kubetune(
             totals[key][0] += interval
             totals[key][1] += seconds
     steps = int(progress[-1]["step"]) - int(progress[0]["step"]) if progress else 0
-    result = json.loads((work / "termination-log").read_text(encoding="utf-8"))
-    whole = result["tokens"] / result["durationSeconds"]
+    message = TerminationMessage.decode((work / "termination-log").read_text(encoding="utf-8"))
+    if message is None or message.result is None or not message.result.tokens or not message.result.duration_seconds:
+        raise RuntimeError(f"kubetune wrote no result with tokens and duration to its termination message:\n{proc.stderr[-3000:]}")
+    whole = message.result.tokens / message.result.duration_seconds
     rates = {key: (t / s if s else float("nan")) for key, (t, s) in totals.items()}
     note = (
         f"{len(busy)} checkpoints, {scraper.scrapes} scrapes; intervals without/with a checkpoint save or upload: "
