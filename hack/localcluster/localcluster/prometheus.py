@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from localcluster.probes import free_ports
+from localcluster.process import wait_or_kill
 
 
 def scrape_config(targets_file: Path, interval_seconds: float) -> dict[str, Any]:
@@ -232,9 +233,5 @@ class Prometheus(PrometheusQueries):
         if self.process is None:
             return
         self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        wait_or_kill(self.process, timeout=15)
         self.process = None

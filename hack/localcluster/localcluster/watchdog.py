@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from localcluster.process import processes_mentioning
+from localcluster.process import processes_mentioning, wait_or_kill
 
 STOP = b"stop"
 QUIET_ROUNDS = 5
@@ -70,11 +70,7 @@ class Watchdog:
             self._process.stdin.close()
         except BrokenPipeError:
             pass
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        wait_or_kill(self._process, timeout=10)
         self._process = None
 
 

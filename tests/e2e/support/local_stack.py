@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from localcluster.cluster import LocalCluster
+from localcluster.process import wait_or_kill
 from localcluster.prometheus import JobRule, Prometheus
 from localcluster.s3 import MotoS3Server
 from localcluster.tools import locate_bin_dir
@@ -154,11 +155,7 @@ class KubetuneStack(Stack):
         if self._agent is None:
             return
         self._agent.terminate()
-        try:
-            self._agent.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self._agent.kill()
-            self._agent.wait()
+        wait_or_kill(self._agent, timeout=60)
         self._agent = None
 
     @property
