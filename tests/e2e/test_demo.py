@@ -83,6 +83,7 @@ def test_sigkill_of_the_demo_leaves_no_process_behind(tmp_path: Path) -> None:
     assert processes_mentioning(str(workdir), environment=True), "the demo's cluster should be running by now:\n" + "".join(lines)
     demo.kill()
     demo.wait(timeout=30)
+    demo.stdout.close()
     deadline = time.monotonic() + 20
     while processes_mentioning(str(workdir), environment=True) and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -289,4 +289,5 @@ def test_sigkill_of_the_test_session_leaves_no_cluster_process(tmp_path: Path) -
     assert processes_mentioning(str(basetemp)), "the inner session's cluster is not running"
     session.kill()
     session.wait(timeout=30)
+    session.stdout.close()
     wait_until("no process of the killed session's cluster", lambda: processes_mentioning(str(basetemp), environment=True) == [], timeout=20)
