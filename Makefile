@@ -6,7 +6,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SETUP_KEY := $(shell cat pyproject.toml hack/setup-system.sh 2>/dev/null | sha256sum | cut -c1-16)
+SETUP_INPUTS := pyproject.toml hack/localcluster/pyproject.toml hack/tinymodel/pyproject.toml hack/setup-system.sh
+SETUP_KEY := $(shell cat $(SETUP_INPUTS) 2>/dev/null | sha256sum | cut -c1-16)
 SETUP_STAMP := $(VENV)/.setup-$(SETUP_KEY)
 PYTEST := $(BIN)/pytest
 
@@ -15,24 +16,26 @@ PYTEST := $(BIN)/pytest
 help: ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-setup: $(SETUP_STAMP) ## Create .venv, install kubetune with every extra, and Debian's prometheus/promtool (root or sudo once).
+setup: $(SETUP_STAMP) ## Create .venv, install kubetune with every extra, the local cluster and the tiny model packages, and Debian's prometheus/promtool (root or sudo once).
 
-$(SETUP_STAMP): pyproject.toml hack/setup-system.sh
+$(SETUP_STAMP): $(SETUP_INPUTS)
 	bash hack/setup-system.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[operator,trainer,dev]'
+	$(BIN)/pip install --quiet -e '.[operator,trainer,dev]' -e hack/localcluster -e hack/tinymodel
 	rm -f $(VENV)/.setup-*
 	touch $@
 
 tools: ## Build (or reuse) etcd, kube-*, kubectl, kwok and helm from Go modules (first time: ~20 min on 2 cores).
 	bash hack/build-tools.sh
 
+# mypy silences errors in packages it reaches through an install, so the two installed dev packages are checked by name.
 lint: setup ## ruff, mypy strict, shellcheck and the CRD drift check.
 	$(BIN)/ruff check .
 	$(BIN)/shellcheck hack/*.sh hack/kind/*.sh .ci/run
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy api operator trainer hack/localcluster tests bench
+	$(BIN)/mypy api operator trainer tests bench hack/localcluster/tests
+	$(BIN)/mypy -p localcluster -p tinymodel
 	$(BIN)/python -m kubetune_operator.crdgen --check
 
 test-unit: setup ## Fast tests: no cluster, no training, no Go-built binaries.
@@ -56,13 +59,13 @@ crds: setup ## Regenerate crds/ and the chart's CRD from the API models.
 	$(BIN)/python -m kubetune_operator.crdgen
 
 demo: setup tools ## Run the tiny CPU FinetuneJob end to end on the local cluster.
-	PYTHONPATH=hack/localcluster $(BIN)/python -m localcluster.demo $(DEMO_ARGS)
+	$(BIN)/python -m tests.e2e.support.demo $(DEMO_ARGS)
 
 cluster-up: setup tools ## Start the local cluster (kubeconfig in .cache/cluster/kubeconfig).
-	PYTHONPATH=hack/localcluster $(BIN)/python -m localcluster up --workdir .cache/cluster
+	$(BIN)/python -m localcluster up --workdir .cache/cluster
 
 cluster-down: setup ## Stop the local cluster.
-	PYTHONPATH=hack/localcluster $(BIN)/python -m localcluster down --workdir .cache/cluster
+	$(BIN)/python -m localcluster down --workdir .cache/cluster
 
 bench: setup ## Benchmarks: trainer throughput against peers, operator latency and memory.
 	$(BIN)/python bench/trainer_throughput.py

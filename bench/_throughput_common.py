@@ -80,7 +80,7 @@ def write_dataset(path: Path, records: int, seed: int) -> Path:
     The sentence count per record is geometric-like (mean about 7, tail past the sequence length),
     as real instruction and document datasets are: padding wastes much and packing helps.
     """
-    from kubetune_trainer.tinymodel import corpus_lines
+    from tinymodel import corpus_lines
 
     lines = corpus_lines()
     rng = random.Random(seed)

@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parent.parent / "trainer"), str(Path(__file__).resolve().parent.parent)]
+# Run as a script, only bench/ itself is on the path; its sibling modules are imported as the bench package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._throughput_common import LORA_TARGETS, Settings, StepClock  # noqa: E402
+from bench._throughput_common import LORA_TARGETS, Settings, StepClock
 
 
 def sync(cuda: bool) -> None:

@@ -39,10 +39,7 @@ from typing import Any
 import yaml
 from kubernetes import client, config, watch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "trainer"), str(ROOT / "hack" / "localcluster")]
-
-from kubetune_operator import api, crdgen, manifests  # noqa: E402
+from kubetune_operator import api, crdgen, manifests
 
 WRITE_VERBS = ("POST", "PATCH", "PUT", "DELETE")
 OPERATOR_RESOURCES = ("finetunejobs", "configmaps", "services", "jobs", "events")
@@ -180,7 +177,6 @@ def operator_process(kubeconfig: Path, log: Path) -> Iterator[tuple[subprocess.P
         "KUBECONFIG": str(kubeconfig),
         "KUBETUNE_OPERATOR_HOST": "127.0.0.1",
         "KUBETUNE_OPERATOR_PORT": str(port),
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "trainer")]),
     }
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "kubetune_operator"], env=env, stdout=out, stderr=subprocess.STDOUT)

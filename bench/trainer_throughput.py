@@ -1,6 +1,6 @@
 """Trainer benchmark: kubetune's training throughput against its peers, and its own overhead.
 
-Builds the ~30M-parameter Llama-shaped random model (``kubetune_trainer.tinymodel --preset bench``)
+Builds the ~30M-parameter Llama-shaped random model (``python -m tinymodel --preset bench``)
 and a deterministic dataset of text records of very different lengths, then trains LoRA (r=16,
 every linear layer) with the same model, data, sequence length, batch, precision, optimizer,
 number of steps and seed in each contender, one process each:
@@ -40,11 +40,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(_ROOT / "trainer"), str(_ROOT / "hack" / "localcluster"), str(_ROOT)]
+from kubetune_api.result import TerminationMessage
+from localcluster.s3 import MotoS3Server, free_port
 
-from bench._throughput_common import ROOT, Measurement, Settings, write_dataset  # noqa: E402
-from tests.support.s3 import MotoS3Server, free_port  # noqa: E402
+# Run as a script, only bench/ itself is on the path; its sibling modules are imported as the bench package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._throughput_common import ROOT, Measurement, Settings, write_dataset
 
 PEERS = ("hf-padded", "trl-packed", "bare")
 KUBETUNE_VARIANTS = ("kubetune", "kubetune-no-ckpt")
@@ -67,8 +69,6 @@ def child_env(extra: dict[str, str] | None = None, threads: int = 0) -> dict[str
     env = dict(os.environ)
     if threads > 0:
         env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
-    paths = [str(ROOT / "trainer"), str(ROOT / "operator"), str(ROOT / "hack" / "localcluster"), str(ROOT)]
-    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return {**env, **(extra or {})}
@@ -77,7 +77,7 @@ def child_env(extra: dict[str, str] | None = None, threads: int = 0) -> dict[str
 def build_model(out: Path) -> Path:
     if not (out / "config.json").is_file():
         subprocess.run(
-            [sys.executable, "-m", "kubetune_trainer.tinymodel", "--preset", "bench", "--out", str(out)],
+            [sys.executable, "-m", "tinymodel", "--preset", "bench", "--out", str(out)],
             check=True,
             env=child_env(),
             stdout=subprocess.DEVNULL,
@@ -184,8 +184,10 @@ def run_kubetune(
             totals[key][0] += interval
             totals[key][1] += seconds
     steps = int(progress[-1]["step"]) - int(progress[0]["step"]) if progress else 0
-    result = json.loads((work / "termination-log").read_text(encoding="utf-8"))
-    whole = result["tokens"] / result["durationSeconds"]
+    message = TerminationMessage.decode((work / "termination-log").read_text(encoding="utf-8"))
+    if message is None or message.result is None or not message.result.tokens or not message.result.duration_seconds:
+        raise RuntimeError(f"kubetune wrote no result with tokens and duration to its termination message:\n{proc.stderr[-3000:]}")
+    whole = message.result.tokens / message.result.duration_seconds
     rates = {key: (t / s if s else float("nan")) for key, (t, s) in totals.items()}
     note = (
         f"{len(busy)} checkpoints, {scraper.scrapes} scrapes; intervals without/with a checkpoint save or upload: "

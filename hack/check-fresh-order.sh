@@ -30,7 +30,7 @@ check_order() {
         echo "check-fresh-order: 'make ${target}' runs the ${marker} tier (line ${number}: ${line}) before building the tools" >&2
         failed=1
       fi
-    elif [[ "${line}" == *localcluster.demo* || "${line}" == *support.demo* ]] && ((built == 0)); then
+    elif [[ "${line}" == *tests.e2e.support.demo* ]] && ((built == 0)); then
       echo "check-fresh-order: 'make ${target}' starts the demo (line ${number}) before building the tools" >&2
       failed=1
     fi

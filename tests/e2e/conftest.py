@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from localcluster import LocalCluster, MissingBinariesError, locate_bin_dir
-from localcluster.external import ExternalConfig, ExternalStack
 from localcluster.process import interrupt
-from localcluster.stack import KubetuneStack, Stack, StackSettings
+from tests.e2e.support.external_stack import ExternalConfig, ExternalStack
+from tests.e2e.support.local_stack import KubetuneStack
+from tests.e2e.support.stack import Stack, StackSettings
 
 
 @pytest.fixture(scope="session", autouse=True)

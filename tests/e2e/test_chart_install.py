@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from localcluster.stack import Stack
+from tests.e2e.support.stack import Stack
 from tests.support.chart import MATRIX, render
 
 pytestmark = pytest.mark.e2e

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -21,11 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_demo_runs_end_to_end() -> None:
     workdir = REPO / ".cache" / "e2e-demo"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "hack" / "localcluster"), str(REPO)])}
     result = subprocess.run(
-        [sys.executable, "-m", "localcluster.demo", "--non-interactive", "--workdir", str(workdir), "--s3-port", "0"],
+        [sys.executable, "-m", "tests.e2e.support.demo", "--non-interactive", "--workdir", str(workdir), "--s3-port", "0"],
         cwd=REPO,
-        env=env,
         capture_output=True,
         text=True,
         timeout=900,
@@ -55,9 +52,8 @@ def test_demo_runs_end_to_end() -> None:
 
 def test_sigterm_stops_everything_the_demo_started(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "hack" / "localcluster"), str(REPO)])}
-    argv = [sys.executable, "-m", "localcluster.demo", "--non-interactive", "--workdir", str(workdir), "--s3-port", "0"]
-    demo = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv = [sys.executable, "-m", "tests.e2e.support.demo", "--non-interactive", "--workdir", str(workdir), "--s3-port", "0"]
+    demo = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert demo.stdout is not None
     lines = []
     for line in demo.stdout:
@@ -76,9 +72,8 @@ def test_sigterm_stops_everything_the_demo_started(tmp_path: Path) -> None:
 def test_sigkill_of_the_demo_leaves_no_process_behind(tmp_path: Path) -> None:
     """The demo killed outright (no handler runs): its watchdog still ends every process it started."""
     workdir = tmp_path / "demo"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "hack" / "localcluster"), str(REPO)])}
-    argv = [sys.executable, "-m", "localcluster.demo", "--non-interactive", "--workdir", str(workdir), "--s3-port", "0"]
-    demo = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv = [sys.executable, "-m", "tests.e2e.support.demo", "--non-interactive", "--workdir", str(workdir), "--s3-port", "0"]
+    demo = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert demo.stdout is not None
     lines = []
     for line in demo.stdout:

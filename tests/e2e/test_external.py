@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from localcluster.stack import KubetuneStack, Stack
+from tests.e2e.support.local_stack import KubetuneStack
+from tests.e2e.support.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.local_cluster]
 

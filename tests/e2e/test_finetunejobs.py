@@ -17,7 +17,7 @@ from kubetune_api.recipe import OutputSpec
 from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer.storage.publish import verify_publication
 from kubetune_trainer.storage.store import S3Store
-from localcluster.stack import Stack
+from tests.e2e.support.stack import Stack
 from tests.support.invalid_specs import INVALID_SPECS, InvalidSpec, apply_change
 
 pytestmark = pytest.mark.e2e

@@ -4,7 +4,6 @@ Jobs completing, garbage collection, ServiceAccount tokens and RBAC, clean shutd
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -212,8 +211,7 @@ def test_service_account_kubeconfig_uses_a_token_request_and_rbac(cluster: Local
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "hack" / "localcluster")}
-    return subprocess.run([sys.executable, "-m", "localcluster", *args], capture_output=True, text=True, env=env, timeout=300, check=False)
+    return subprocess.run([sys.executable, "-m", "localcluster", *args], capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_cli_up_status_down_is_idempotent_and_leaves_no_process(tmp_path: Path, cluster_bin_dir: Path) -> None:
@@ -291,4 +289,5 @@ def test_sigkill_of_the_test_session_leaves_no_cluster_process(tmp_path: Path) -
     assert processes_mentioning(str(basetemp)), "the inner session's cluster is not running"
     session.kill()
     session.wait(timeout=30)
+    session.stdout.close()
     wait_until("no process of the killed session's cluster", lambda: processes_mentioning(str(basetemp), environment=True) == [], timeout=20)

@@ -7,7 +7,7 @@ import functools
 import pytest
 
 from localcluster.prometheus import PrometheusQueries
-from localcluster.stack import Stack
+from tests.e2e.support.stack import Stack
 from tests.support.dashboards import dashboard_queries
 
 pytestmark = pytest.mark.e2e

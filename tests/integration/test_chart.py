@@ -433,7 +433,8 @@ def test_operator_pod_is_discoverable_by_annotation(tmp_path: Path) -> None:
 
 def test_the_local_stack_values_match_the_schema(tmp_path: Path) -> None:
     """The e2e suite installs the chart with these values; a schema change must not break it."""
-    from localcluster.stack import StackSettings, local_chart_values
+    from tests.e2e.support.local_stack import local_chart_values
+    from tests.e2e.support.stack import StackSettings
 
     values = local_chart_values(StackSettings(workdir=tmp_path))
     jsonschema.validate(values, json.loads((CHART / "values.schema.json").read_text()))

@@ -28,8 +28,8 @@ MEMORISE_LINES = 24
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny preset of kubetune_trainer.tinymodel, built once per session."""
-    from kubetune_trainer import tinymodel
+    """The tiny preset of tinymodel, built once per session."""
+    import tinymodel
 
     return tinymodel.build(tmp_path_factory.mktemp("tiny-model"), "tiny", seed=0)
 
@@ -37,7 +37,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def memorise_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A few corpus sentences as text records: small enough to memorise in a few dozen steps."""
-    from kubetune_trainer.tinymodel import corpus_lines
+    from tinymodel import corpus_lines
 
     path = tmp_path_factory.mktemp("data") / "memorise.jsonl"
     path.write_text("".join(json.dumps({"text": line}) + "\n" for line in corpus_lines()[:MEMORISE_LINES]), encoding="utf-8")

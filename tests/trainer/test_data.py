@@ -19,7 +19,7 @@ from kubetune_trainer.data.errors import DataError
 from kubetune_trainer.data.packing import IGNORE_INDEX
 from kubetune_trainer.data.prepare import PreparedData, prepare_data
 from kubetune_trainer.storage.store import S3Store
-from kubetune_trainer.tinymodel import build_tokenizer
+from tinymodel import build_tokenizer
 
 if TYPE_CHECKING:
     from tests.support.s3 import MotoS3Server

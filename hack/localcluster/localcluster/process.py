@@ -163,6 +163,15 @@ def terminate(record: ProcessRecord, proc: subprocess.Popen[bytes] | None, timeo
     return _wait_gone(record, proc, time.monotonic() + 5.0)
 
 
+def wait_or_kill(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait up to ``timeout`` for a child asked to exit (SIGTERM, a closed pipe), then SIGKILL and reap it."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def log_tail(log: Path, lines: int = 40) -> str:
     """The last lines of a component log, for error messages."""
     try:

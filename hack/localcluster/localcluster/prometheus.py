@@ -1,8 +1,9 @@
-"""A real Prometheus (Debian's ``prometheus`` package) scraping kubetune's pods.
+"""A real Prometheus (Debian's ``prometheus`` package) scraping the cluster's annotated pods.
 
 Pods annotated ``prometheus.io/scrape: "true"`` are scraped at ``<podIP>:<prometheus.io/port><prometheus.io/path>``
-with the job names the chart's PodMonitor/ServiceMonitor give. Debian builds Prometheus without
-``kubernetes_sd_configs``, so ``PodDiscovery`` lists pods from the apiserver and feeds ``file_sd_configs``.
+with the job names that the owner's ``job_rules`` give (what a PodMonitor/ServiceMonitor would name them).
+Debian builds Prometheus without ``kubernetes_sd_configs``, so ``PodDiscovery`` lists pods from the apiserver
+and feeds ``file_sd_configs``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import urllib.parse
 import urllib.request
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 import yaml
 
 from localcluster.probes import free_ports
+from localcluster.process import wait_or_kill
 
 
 def scrape_config(targets_file: Path, interval_seconds: float) -> dict[str, Any]:
@@ -39,16 +42,21 @@ def scrape_config(targets_file: Path, interval_seconds: float) -> dict[str, Any]
     }
 
 
-def job_label(labels: dict[str, str]) -> str:
-    """The job name the chart's ServiceMonitor/PodMonitor give, so dashboards and alerts match."""
-    if labels.get("app.kubernetes.io/part-of") == "kubetune" and labels.get("app.kubernetes.io/component") == "operator":
-        return "kubetune-operator"
-    if labels.get("app.kubernetes.io/name") == "kubetune-trainer":
-        return "kubetune-trainer"
-    return "kubernetes-pods"
+DEFAULT_JOB = "kubernetes-pods"
+JobRule = tuple[Mapping[str, str], str]
+"""Labels a pod must all carry, and the job name its series then get."""
 
 
-def pod_targets(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def job_label(labels: Mapping[str, str], rules: Sequence[JobRule]) -> str:
+    """The job name of the first rule whose labels the pod carries, so dashboards and alerts written for a
+    PodMonitor/ServiceMonitor match."""
+    for selector, job in rules:
+        if all(labels.get(key) == value for key, value in selector.items()):
+            return job
+    return DEFAULT_JOB
+
+
+def pod_targets(pods: list[dict[str, Any]], rules: Sequence[JobRule] = ()) -> list[dict[str, Any]]:
     """file_sd target groups for annotated, running pods: what kubernetes_sd_configs + relabelling would give.
 
     Debian's Prometheus is built without Kubernetes discovery, so the stack discovers pods itself.
@@ -66,7 +74,7 @@ def pod_targets(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "__metrics_path__": annotations.get("prometheus.io/path", "/metrics"),
             "namespace": meta.get("namespace", ""),
             "pod": meta.get("name", ""),
-            "job": job_label(meta.get("labels") or {}),
+            "job": job_label(meta.get("labels") or {}, rules),
         }
         groups.append({"targets": [f"{status['podIP']}:{port}"], "labels": labels})
     return groups
@@ -75,7 +83,7 @@ def pod_targets(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class PodDiscovery:
     """Keeps a file_sd file in step with the annotated pods of the cluster (polling, once a second)."""
 
-    def __init__(self, kubeconfig: Path, targets_file: Path, interval_seconds: float = 1.0) -> None:
+    def __init__(self, kubeconfig: Path, targets_file: Path, interval_seconds: float = 1.0, job_rules: Sequence[JobRule] = ()) -> None:
         from kubernetes import client, config
 
         configuration = client.Configuration()
@@ -83,6 +91,7 @@ class PodDiscovery:
         self._api = client.CoreV1Api(client.ApiClient(configuration))
         self.targets_file = targets_file
         self.interval_seconds = interval_seconds
+        self.job_rules = job_rules
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="prometheus-pod-discovery", daemon=True)
 
@@ -97,7 +106,7 @@ class PodDiscovery:
 
     def refresh(self) -> None:
         pods = self._api.api_client.sanitize_for_serialization(self._api.list_pod_for_all_namespaces().items)
-        text = json.dumps(pod_targets(pods))
+        text = json.dumps(pod_targets(pods, self.job_rules))
         if not self.targets_file.exists() or self.targets_file.read_text() != text:
             temporary = self.targets_file.with_suffix(".tmp")
             temporary.write_text(text)
@@ -165,6 +174,7 @@ class Prometheus(PrometheusQueries):
     kubeconfig: Path
     interval_seconds: float = 1.0
     rule_files: list[Path] = field(default_factory=list)
+    job_rules: list[JobRule] = field(default_factory=list)
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     discovery: PodDiscovery | None = None
@@ -179,7 +189,7 @@ class Prometheus(PrometheusQueries):
             raise RuntimeError("prometheus is not installed: run `bash hack/setup-system.sh` (Debian package prometheus)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         targets = self.workdir / "targets.json"
-        self.discovery = PodDiscovery(self.kubeconfig, targets, self.interval_seconds)
+        self.discovery = PodDiscovery(self.kubeconfig, targets, self.interval_seconds, self.job_rules)
         self.discovery.start()
         config = scrape_config(targets, self.interval_seconds)
         if self.rule_files:
@@ -223,9 +233,5 @@ class Prometheus(PrometheusQueries):
         if self.process is None:
             return
         self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        wait_or_kill(self.process, timeout=15)
         self.process = None

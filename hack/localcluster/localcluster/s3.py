@@ -30,6 +30,8 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
+from localcluster.process import wait_or_kill
+
 LOOPBACK = "127.0.0.1"
 DUMMY_ACCESS_KEY_ID = "kubetune-test-key"
 DUMMY_SECRET_ACCESS_KEY = "kubetune-test-secret"
@@ -308,11 +310,7 @@ class MotoS3Server:
         if self._process.stdin is not None:
             self._process.stdin.close()
         self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        wait_or_kill(self._process, timeout=10)
         self._process = None
 
     def __enter__(self) -> MotoS3Server:

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from localcluster.process import processes_mentioning
+from localcluster.process import processes_mentioning, wait_or_kill
 
 STOP = b"stop"
 QUIET_ROUNDS = 5
@@ -52,15 +52,12 @@ class Watchdog:
     def start(self) -> None:
         if self._process is not None:
             return
-        package_root = str(Path(__file__).resolve().parents[1])
-        path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
         self._process = subprocess.Popen(
             [sys.executable, "-m", "localcluster.watchdog", str(self.workdir)],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            env={**os.environ, "PYTHONPATH": path},
         )
 
     def stop(self) -> None:
@@ -73,11 +70,7 @@ class Watchdog:
             self._process.stdin.close()
         except BrokenPipeError:
             pass
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        wait_or_kill(self._process, timeout=10)
         self._process = None
 
 

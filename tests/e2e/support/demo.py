@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 
 from localcluster.process import interrupt
-from localcluster.stack import DEMO_BUCKET, REPO, KubetuneStack, StackSettings
+from tests.e2e.support.local_stack import KubetuneStack
+from tests.e2e.support.stack import DEMO_BUCKET, REPO, StackSettings
 
 EXAMPLE = "tiny-cpu-lora.yaml"
 PROMPT = "The lighthouse keeper counts"
@@ -47,8 +48,8 @@ def quiet_model_loading() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     # peft calls a transformers name deprecated in v5 when it wraps a model; nothing the demo can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m localcluster.demo", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(prog="python -m tests.e2e.support.demo", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--workdir", type=Path, default=REPO / ".cache" / "demo", help="Where the demo keeps its files.")
     parser.add_argument("--non-interactive", action="store_true", help="Stop as soon as the job has finished.")
     parser.add_argument("--s3-port", type=int, default=9000, help="Port of the local S3 endpoint (the example points at 9000).")

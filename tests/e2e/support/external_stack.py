@@ -27,8 +27,8 @@ import yaml
 
 from localcluster.prometheus import PrometheusAPI
 from localcluster.s3 import boto3_client, client_env
-from localcluster.stack import Stack, StackSettings, merge_values
 from localcluster.tools import find_tool
+from tests.e2e.support.stack import Stack, StackSettings, merge_values
 
 KUBECONFIG_ENV = "KUBETUNE_E2E_KUBECONFIG"
 # Label added to the S3 Service's selector during an outage: no pod carries it, so the Service has no endpoints.

@@ -1,10 +1,10 @@
 """A small random-initialised Llama-shaped model and a BPE tokenizer, built offline.
 
 Tests, the demo and the benchmarks cannot download models, so they build one here: the tokenizer
-is trained with ``tokenizers`` on the English corpus shipped in ``assets/corpus.txt`` and the
+is trained with ``tokenizers`` on the English corpus in ``corpus.txt`` beside this module and the
 model weights come from a seeded initialiser. The same seed gives the same files.
 
-    python -m kubetune_trainer.tinymodel --out DIR [--preset tiny|bench] [--seed N]
+    python -m tinymodel --out DIR [--preset tiny|bench] [--seed N]
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ PRESETS: dict[str, Preset] = {
 
 
 def corpus_lines() -> list[str]:
-    """Lines of the shipped English corpus, without blanks."""
-    text = resources.files("kubetune_trainer").joinpath("assets/corpus.txt").read_text(encoding="utf-8")
+    """Lines of the English corpus, without blanks."""
+    text = resources.files("tinymodel").joinpath("corpus.txt").read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -159,7 +159,3 @@ def main(argv: list[str] | None = None) -> int:
     path = build(args.out, args.preset, args.seed)
     print(path)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,26 +1,15 @@
-"""The whole kubetune stack on the local cluster: control plane, node agent, S3, Prometheus, the chart.
+"""A cluster with kubetune installed, S3 and Prometheus: what the e2e tests and ``make demo`` talk to.
 
-Used by the end-to-end suite and by ``make demo``. Everything runs on loopback; ``stop()`` ends every
-process it started.
-
-- the control plane and kwok's fake GPU nodes (``LocalCluster``);
-- the node agent, which runs pods bound to ``cpu-node-0`` as local processes, the operator's pod
-  from the chart's Deployment included (with its ServiceAccount's projected token);
-- moto's S3 server behind a stoppable proxy, holding the tiny model and the demo dataset;
-- Debian's Prometheus discovering annotated pods through the apiserver;
-- ``helm upgrade --install`` of ``charts/kubetune`` into a namespace that enforces the Pod Security
-  ``restricted`` profile.
-
-``Stack`` is what the tests and the demo talk to; ``KubetuneStack`` starts its parts here, and
-``localcluster.external.ExternalStack`` reaches them on a cluster someone else runs (kind).
+``Stack`` holds what every kind of cluster shares: seeding the demo bucket with the tiny model and the
+demo dataset, the namespaces (Pod Security ``restricted``) and the S3 Secret, ``helm upgrade --install``
+of ``charts/kubetune``, and the kubectl helpers the tests use. ``local_stack.KubetuneStack`` starts
+every part on loopback; ``external_stack.ExternalStack`` reaches them on a cluster someone else runs (kind).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -32,11 +21,8 @@ from typing import Any, Protocol
 
 import yaml
 
-from localcluster.cluster import LocalCluster
-from localcluster.prometheus import Prometheus, PrometheusQueries
-from localcluster.s3 import DUMMY_ACCESS_KEY_ID, DUMMY_SECRET_ACCESS_KEY, MotoS3Server
-from localcluster.tools import locate_bin_dir
-from localcluster.watchdog import Watchdog
+from localcluster.prometheus import PrometheusQueries
+from localcluster.s3 import DUMMY_ACCESS_KEY_ID, DUMMY_SECRET_ACCESS_KEY
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -62,21 +48,6 @@ class StackSettings:
     s3_port: int | None = None
     prometheus_interval_seconds: float = 1.0
     helm_values: dict[str, Any] = field(default_factory=dict)
-
-
-def local_chart_values(settings: StackSettings) -> dict[str, Any]:
-    """Chart values for the local cluster: the host's environment stands in for the images."""
-    values: dict[str, Any] = {
-        "operator": {
-            "image": {"repository": "kubetune/operator", "tag": "local", "pullPolicy": "Never"},
-            "progressIntervalSeconds": 1,
-            # Every pod of the local node shares the host's network stack: binding the pod's own address
-            # lets several local clusters (the e2e stack and the demo) run an operator each on one port.
-            "extraEnv": [{"name": "KUBETUNE_OPERATOR_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
-        },
-        "trainer": {"image": {"repository": "kubetune/trainer", "tag": "local", "pullPolicy": "Never"}},
-    }
-    return merge_values(values, settings.helm_values)
 
 
 def merge_values(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -146,7 +117,7 @@ class Stack(ABC):
         assert self.s3 is not None
         model_dir = self.workdir / "tiny-llama"
         if not (model_dir / "config.json").exists():
-            subprocess.run([sys.executable, "-m", "kubetune_trainer.tinymodel", "--out", str(model_dir)], check=True)
+            subprocess.run([sys.executable, "-m", "tinymodel", "--out", str(model_dir)], check=True)
         s3 = self.s3.client()
         with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
             s3.create_bucket(Bucket=DEMO_BUCKET)
@@ -254,147 +225,3 @@ class Stack(ABC):
                 return
             time.sleep(1.0)
         raise TimeoutError(f"FinetuneJob {name} did not finish in {timeout:.0f}s")
-
-
-class KubetuneStack(Stack):
-    """Everything on loopback. Start with ``start()`` (or as a context manager); ``stop()`` ends everything it started."""
-
-    local = True
-
-    def __init__(self, settings: StackSettings) -> None:
-        self.settings = settings
-        self.workdir = settings.workdir.resolve()
-        self.cluster: LocalCluster | None = None
-        self.s3: MotoS3Server | None = None
-        self.prometheus: Prometheus | None = None
-        self._agent: subprocess.Popen[bytes] | None = None
-        # Everything below the workdir dies with this process, even when it is killed without stop().
-        self._watchdog = Watchdog(self.workdir)
-
-    # lifecycle
-
-    def start(self, progress: Callable[[str], None] = lambda _: None) -> None:
-        try:
-            progress("building or reusing the Kubernetes binaries")
-            bin_dir = locate_bin_dir(build=True)
-            self._watchdog.start()
-            progress("starting etcd, kube-apiserver, controller-manager, scheduler and kwok")
-            self.cluster = LocalCluster(self.workdir / "cluster", bin_dir, watchdog=False)
-            self.cluster.start()
-            progress("starting the node agent (cpu-node-0)")
-            self.start_agent()
-            progress("starting S3 (moto) and uploading the tiny model and dataset")
-            self.s3 = MotoS3Server(port=self.settings.s3_port)
-            self.s3.start()
-            self.seed_s3()
-            progress("starting Prometheus")
-            self.prometheus = Prometheus(self.workdir / "prometheus", self.cluster.kubeconfig, self.settings.prometheus_interval_seconds)
-            self.prometheus.start()
-            progress("installing kubetune with helm")
-            self.prepare_namespaces()
-            self.helm_install(local_chart_values(self.settings))
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        if self.prometheus is not None:
-            self.prometheus.stop()
-            self.prometheus = None
-        self.stop_agent()
-        if self.cluster is not None:
-            self.cluster.stop()
-            self.cluster = None
-        if self.s3 is not None:
-            self.s3.close()
-            self.s3 = None
-        self._watchdog.stop()
-
-    def __enter__(self) -> KubetuneStack:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # parts
-
-    @property
-    def kubeconfig(self) -> Path:
-        assert self.cluster is not None, "the stack is not started"
-        return self.cluster.kubeconfig
-
-    def start_agent(self) -> None:
-        assert self.cluster is not None
-        with (self.workdir / "nodeagent.log").open("ab") as log:
-            self._agent = self._spawn_agent(log)
-        self.wait_for(
-            lambda: self.kubectl("get", "node", "cpu-node-0", "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}", check=False).stdout == "True",
-            60,
-            "cpu-node-0 Ready",
-        )
-
-    def _spawn_agent(self, log: Any) -> subprocess.Popen[bytes]:
-        assert self.cluster is not None
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "localcluster.nodeagent",
-                "--kubeconfig",
-                str(self.cluster.kubeconfig),
-                "--workdir",
-                str(self.workdir / "node"),
-                "--api-url",
-                self.cluster.api_url,
-                "--restart-backoff-seconds",
-                "2",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "hack" / "localcluster"), str(REPO)])},
-        )
-
-    def stop_agent(self) -> None:
-        if self._agent is None:
-            return
-        self._agent.terminate()
-        try:
-            self._agent.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self._agent.kill()
-            self._agent.wait()
-        self._agent = None
-
-    @property
-    def kubectl_binary(self) -> str:
-        assert self.cluster is not None, "the stack is not started"
-        return str(self.cluster.bin_dir / "kubectl")
-
-    @property
-    def helm_binary(self) -> str:
-        assert self.cluster is not None, "the stack is not started"
-        return str(self.cluster.bin_dir / "helm")
-
-    def crash_pod(self, pod: dict[str, Any]) -> None:
-        """SIGKILL every process the node agent runs for the trainer pod."""
-        pids = pids_of_pod(pod["metadata"]["name"])
-        if not pids:
-            raise RuntimeError(f"no process found for pod {pod['metadata']['name']}")
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-
-
-def pids_of_pod(pod_name: str) -> list[int]:
-    """Processes the node agent runs for a trainer pod, found by the pod name the operator puts in their environment."""
-    marker = f"KUBETUNE_POD_NAME={pod_name}".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if marker in (proc / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
