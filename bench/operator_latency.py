@@ -41,7 +41,8 @@ from kubernetes import client, config, watch
 
 from kubetune_operator import api, crdgen, manifests
 
-WRITE_VERBS = ("POST", "PATCH", "PUT", "DELETE")
+# The apiserver counts a server-side apply under its own verb, APPLY, not PATCH.
+WRITE_VERBS = ("POST", "PATCH", "APPLY", "PUT", "DELETE")
 OPERATOR_RESOURCES = ("finetunejobs", "configmaps", "services", "jobs", "events")
 
 
