@@ -5,10 +5,10 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from kubetune_api.messages import message
-from kubetune_api.schema import S3_URI_PATTERN, ApiModel, Source, cel, validations
+from kubetune_api.schema import ApiModel, cel, check_source, source_rules, validations
 
 
 class DatasetFormat(StrEnum):
@@ -57,18 +57,24 @@ class EvalSpec(ApiModel):
         lt=1.0,
         description="Share of the training records held out for evaluation, between 0 and 1 (for example 0.05).",
     )
-    source: Source | None = Field(
+    source: str | None = Field(
         default=None,
         max_length=1024,
         description="A separate evaluation dataset, in the same forms as spec.dataset.source.",
+        json_schema_extra=source_rules("spec.dataset.eval.source"),
     )
     split: str = Field(default="validation", max_length=128, description="Split of a Hugging Face evaluation source.")
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, source: str | None) -> str | None:
+        return None if source is None else check_source(source, "spec.dataset.eval.source")
 
 
 class DatasetSpec(ApiModel):
     """The training data and how records become token sequences."""
 
-    source: Source = Field(
+    source: str = Field(
         min_length=1,
         max_length=1024,
         description=(
@@ -76,12 +82,7 @@ class DatasetSpec(ApiModel):
             "jsonl/json/parquet/csv files (read with spec.output's endpoint and credentials), or an "
             "absolute local path to such a file or folder."
         ),
-        json_schema_extra=validations(
-            cel(
-                "!self.startsWith('s3://') || self.matches('" + S3_URI_PATTERN + "')",
-                message("dataset.source.s3"),
-            )
-        ),
+        json_schema_extra=source_rules("spec.dataset.source"),
     )
     config: str | None = Field(default=None, max_length=256, description="Configuration (subset) name of a Hugging Face dataset.")
     split: str = Field(default="train", max_length=128, description="Split of a Hugging Face dataset used for training.")
@@ -122,3 +123,8 @@ class DatasetSpec(ApiModel):
         le=131072,
         description="Maximum tokens per training sequence; longer records are truncated.",
     )
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, source: str) -> str:
+        return check_source(source, "spec.dataset.source")

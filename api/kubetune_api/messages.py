@@ -7,9 +7,12 @@ refer to messages by key, never by copying the text.
 from __future__ import annotations
 
 MESSAGES: dict[str, str] = {
-    "model.source.s3": "spec.model.source: an s3:// source must look like s3://bucket/prefix",
-    "dataset.source.s3": "spec.dataset.source: an s3:// source must look like s3://bucket/key-or-prefix",
-    "dataset.eval.source.s3": "spec.dataset.eval.source: an s3:// source must look like s3://bucket/key-or-prefix",
+    "source.s3": "{field}: an s3:// source must look like s3://bucket/key-or-prefix, with no '.' or '..' segments in the key",
+    "source.scheme": (
+        "{field}: not a form kubetune reads (a typo such as s3:/ for s3://, or an unsupported scheme); use s3://bucket/prefix, "
+        "a Hugging Face id such as org/name, or a local path such as /models/name or file:///models/name"
+    ),
+    "output.prefix": "spec.output.prefix: use key segments separated by single slashes, with no '.' or '..' segments and no leading slash",
     "dataset.eval.one_of": "spec.dataset.eval: set exactly one of ratio (a share of the training data) or source (a separate dataset)",
     "training.one_of": "spec.training: set exactly one of epochs or maxSteps",
     "training.warmup": "spec.training.warmupSteps must be smaller than spec.training.maxSteps",

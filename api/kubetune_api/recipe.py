@@ -8,15 +8,16 @@ and their Python twins share the texts in ``messages``.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic.config import JsonDict
 
 from kubetune_api.dataset import DatasetSpec
 from kubetune_api.messages import message
-from kubetune_api.schema import K8S_NAME_PATTERN, S3_URI_PATTERN, ApiModel, Source, cel, validations
+from kubetune_api.schema import DOT_SEGMENT_PATTERN, K8S_NAME_PATTERN, ApiModel, cel, check_source, source_rules, validations
 
 ALL_LINEAR = "all-linear"
 
@@ -61,7 +62,7 @@ class S3CredentialsRef(ApiModel):
 class ModelSpec(ApiModel):
     """The base model to fine-tune."""
 
-    source: Source = Field(
+    source: str = Field(
         min_length=1,
         max_length=1024,
         description=(
@@ -70,12 +71,7 @@ class ModelSpec(ApiModel):
             "spec.output's endpoint and credentials), or an absolute local path (for example a "
             "mounted PVC, see cacheVolumeClaim)."
         ),
-        json_schema_extra=validations(
-            cel(
-                "!self.startsWith('s3://') || self.matches('" + S3_URI_PATTERN + "')",
-                message("model.source.s3"),
-            )
-        ),
+        json_schema_extra=source_rules("spec.model.source"),
     )
     revision: str | None = Field(
         default=None,
@@ -96,6 +92,11 @@ class ModelSpec(ApiModel):
         pattern=K8S_NAME_PATTERN,
         description="Name of a PersistentVolumeClaim mounted at /models and used as the model download cache, so restarts do not download again.",
     )
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, source: str) -> str:
+        return check_source(source, "spec.model.source")
 
 
 class LoraBias(StrEnum):
@@ -217,6 +218,10 @@ class TrainingSpec(ApiModel):
     log_every: int = Field(default=10, ge=1, description="Log progress and update metrics every this many steps.")
 
 
+PREFIX_PATTERN = r"^([A-Za-z0-9!_.*'()-]+(/[A-Za-z0-9!_.*'()-]+)*/?)?$"
+"""S3's safe key characters in segments joined by single slashes: no leading slash, no empty segment."""
+
+
 class OutputSpec(ApiModel):
     """Where the adapter, checkpoints and manifest are written. The same S3 connection reads s3:// models and datasets."""
 
@@ -229,8 +234,14 @@ class OutputSpec(ApiModel):
     prefix: str = Field(
         default="",
         max_length=512,
-        pattern=r"^([^/].*)?$",
-        description=("Key prefix inside the bucket, without a leading slash. The run writes <prefix>/<namespace>/<name>/adapter/ and .../checkpoints/step-N/."),
+        pattern=PREFIX_PATTERN,
+        description=(
+            "Key prefix inside the bucket: segments of letters, digits and !-_.*'() separated by single slashes, "
+            "without a leading slash or '.' and '..' segments. Each run writes <prefix>/<namespace>/<name>/runs/<uid>/adapter/ "
+            "(and .../checkpoints/step-N/ while it trains), where <uid> is the FinetuneJob's metadata.uid, and then points "
+            "<prefix>/<namespace>/<name>/latest.json at its adapter."
+        ),
+        json_schema_extra=validations(cel(f"!self.matches('{DOT_SEGMENT_PATTERN}')", message("output.prefix"))),
     )
     endpoint_url: str | None = Field(
         default=None,
@@ -247,6 +258,26 @@ class OutputSpec(ApiModel):
         default=False,
         description="Also export the base model with the adapter merged in (full size) under .../merged/.",
     )
+    keep_checkpoints: int = Field(
+        default=2,
+        ge=1,
+        le=1000,
+        description=(
+            "Complete checkpoints kept in S3 while the run trains: once a newer one is complete, older ones are deleted. "
+            "Keep at least 2 so that a damaged newest checkpoint still leaves one to resume from."
+        ),
+    )
+    keep_checkpoints_after_success: bool = Field(
+        default=False,
+        description="Keep the run's checkpoints in S3 after the adapter is published; by default they are deleted then.",
+    )
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, prefix: str) -> str:
+        if re.search(DOT_SEGMENT_PATTERN, prefix):
+            raise ValueError(message("output.prefix"))
+        return prefix
 
 
 RECIPE_RULES: list[JsonDict] = [

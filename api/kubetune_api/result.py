@@ -2,7 +2,8 @@
 
 The trainer writes a ``TerminationMessage`` (``encode``: camelCase JSON within the kubelet's 4 KiB) to its
 termination-message path; the operator reads it from the pod status with ``TerminationMessage.decode`` and
-copies ``result`` and ``lastCheckpoint`` into the FinetuneJob status. Nothing here is built by hand on either side.
+copies ``result`` and ``lastCheckpoint`` into the FinetuneJob status. ``PublishedRun`` is the document the
+trainer writes to ``layout.LATEST`` after a publication. Nothing here is built by hand on either side.
 """
 
 from __future__ import annotations
@@ -27,6 +28,18 @@ class CheckpointRef(ApiModel):
     time: datetime | None = Field(default=None, description="When it was uploaded.")
 
 
+MAX_SKIPPED = 4
+"""Skipped checkpoints a result lists: enough to explain a fallback, small enough for the termination message."""
+
+
+class SkippedCheckpoint(ApiModel):
+    """A checkpoint the run could not resume from (damaged or unreadable), passed over for an older one."""
+
+    step: int = Field(ge=0, description="Step of the checkpoint passed over.")
+    uri: str = Field(max_length=2048, description="s3:// URI of its folder.")
+    reason: str = Field(max_length=512, description="Why it could not be used.")
+
+
 class TrainingResult(ApiModel):
     """The published adapter and what the run took to make it."""
 
@@ -41,6 +54,21 @@ class TrainingResult(ApiModel):
     resumed_from_step: int | None = Field(
         default=None, ge=0, description="Step of the checkpoint the final attempt resumed from; absent when it trained from the start."
     )
+    skipped_checkpoints: list[SkippedCheckpoint] | None = Field(
+        default=None,
+        max_length=MAX_SKIPPED,
+        description="Newer checkpoints the final attempt found damaged and passed over before resuming from resumedFromStep.",
+    )
+
+
+class PublishedRun(ApiModel):
+    """``latest.json``: the newest run of a FinetuneJob name whose adapter was published, written after its manifest."""
+
+    run_uid: str = Field(max_length=128, description="The run (the FinetuneJob's metadata.uid) that published it.")
+    adapter_uri: str = Field(max_length=2048, description="s3:// URI of the run's adapter folder.")
+    manifest_sha256: str = Field(max_length=64, description="sha256 of the adapter's manifest.json.")
+    merged_uri: str | None = Field(default=None, max_length=2048, description="s3:// URI of the merged model, when one was published.")
+    published: datetime = Field(description="When the publication completed.")
 
 
 class TerminationMessage(ApiModel):

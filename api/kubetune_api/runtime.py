@@ -8,6 +8,7 @@ operator builds the container's env from its fields, the trainer reads them thro
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -31,11 +32,23 @@ METRICS_PORT = 9184
 RENDEZVOUS_PORT = 29500
 
 
+RUN_UID_PATTERN = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$"
+
+
 class RuntimeConfig(ApiModel):
     """How the operator runs the trainer; filled in by the operator, not part of the FinetuneJob spec."""
 
     namespace: str = Field(default="default", description="Namespace of the FinetuneJob (a metrics label).")
     job_name: str = Field(default="local", description="Name of the FinetuneJob (a metrics label and part of S3 keys).")
+    run_uid: str = Field(
+        default="",
+        max_length=63,
+        pattern=RUN_UID_PATTERN,
+        description=(
+            "Identity of the run: the FinetuneJob's metadata.uid, which names its folder in S3 (layout.run_prefix). "
+            "Empty (a run started by hand) uses a hash of the recipe instead."
+        ),
+    )
     gpus_per_node: int = Field(default=0, ge=0, description="GPUs per node; 0 runs on CPU.")
     nodes: int = Field(default=1, ge=1, description="Number of nodes (pods) taking part.")
     rendezvous_host: str = Field(
@@ -62,9 +75,22 @@ class TrainerConfig(TrainingRecipe):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="How the operator runs the trainer.")
 
     @property
+    def run_id(self) -> str:
+        """The run's identity: runtime.runUid, or for a run started by hand a hash of its recipe (a changed recipe is a new run)."""
+        if self.runtime.run_uid:
+            return self.runtime.run_uid
+        recipe = json.dumps(self.model_dump(mode="json", include=set(TrainingRecipe.model_fields)), sort_keys=True)
+        return "recipe-" + hashlib.sha256(recipe.encode()).hexdigest()[:16]
+
+    @property
+    def job_prefix(self) -> str:
+        """S3 key prefix shared by the runs of this FinetuneJob name (``layout.job_prefix``)."""
+        return layout.job_prefix(self.output.prefix, self.runtime.namespace, self.runtime.job_name)
+
+    @property
     def run_prefix(self) -> str:
         """S3 key prefix of this run (``layout.run_prefix``)."""
-        return layout.run_prefix(self.output.prefix, self.runtime.namespace, self.runtime.job_name)
+        return layout.run_prefix(self.output.prefix, self.runtime.namespace, self.runtime.job_name, self.run_id)
 
 
 def load_trainer_config(path: Path) -> TrainerConfig:
@@ -82,6 +108,10 @@ class TrainerEnvironment(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KUBETUNE_", extra="ignore", frozen=True)
 
     pod_name: str = Field(default="", description="Name of the trainer pod (downward API metadata.name).")
+    pod_uid: str = Field(
+        default="",
+        description="UID of the trainer pod (downward API metadata.uid): the attempt token that fences its writes to S3.",
+    )
     pod_ip: str = Field(default="", description="Address the metrics endpoint binds (downward API status.podIP); empty binds every address.")
     completion_index: int = Field(
         default=0,

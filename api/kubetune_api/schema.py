@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict, JsonValue
 
+from kubetune_api.messages import message
+
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
 K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+DOT_SEGMENT_PATTERN = r"(^|/)[.]{1,2}(/|$)"
+"""A '.' or '..' key segment: mapped to a local path or joined into a prefix, it would name a folder outside the one meant.
+(A bucket name cannot start with a dot, so on a whole s3:// URI it finds only segments of the key.)"""
+SCHEME_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]*:"
+"""Something that starts like a URI scheme; only s3:// and file:// are sources, anything else is a typo or unsupported."""
+S3_SCHEME = "s3://"
+FILE_SCHEME = "file://"
 
 
 def cel(rule: str, message: str, **extra: str) -> JsonDict:
@@ -39,11 +48,32 @@ class ApiModel(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-def check_s3_source(value: str) -> str:
-    """Python twin of the CEL rule on s3:// sources."""
-    if value.startswith("s3://") and not re.match(S3_URI_PATTERN, value):
-        raise ValueError("an s3:// source must look like s3://bucket/prefix")
-    return value
+def source_problem(source: str) -> str | None:
+    """The ``messages`` key of what is wrong with a model or dataset source, or None when its form is valid."""
+    if source.startswith(S3_SCHEME):
+        return "source.s3" if not re.match(S3_URI_PATTERN, source) or re.search(DOT_SEGMENT_PATTERN, source) else None
+    if not source.startswith(FILE_SCHEME) and re.match(SCHEME_PATTERN, source):
+        return "source.scheme"
+    return None
 
 
-Source = Annotated[str, AfterValidator(check_s3_source)]
+def check_source(source: str, field: str) -> str:
+    """Python twin of ``source_rules``: the source, or ValueError with the message naming ``field``."""
+    problem = source_problem(source)
+    if problem is not None:
+        raise ValueError(message(problem, field=field))
+    return source
+
+
+def source_rules(field: str) -> JsonDict:
+    """The CEL rules of a source field (``field`` is its path, for the messages); ``check_source`` is their twin."""
+    return validations(
+        cel(
+            f"!self.startsWith('{S3_SCHEME}') || (self.matches('{S3_URI_PATTERN}') && !self.matches('{DOT_SEGMENT_PATTERN}'))",
+            message("source.s3", field=field),
+        ),
+        cel(
+            f"self.startsWith('{S3_SCHEME}') || self.startsWith('{FILE_SCHEME}') || !self.matches('{SCHEME_PATTERN}')",
+            message("source.scheme", field=field),
+        ),
+    )

@@ -42,6 +42,18 @@ INVALID_SPECS: list[InvalidSpec] = [
     InvalidSpec("paged-optimizer-on-cpu", {"spec.training.optimizer": "paged_adamw_8bit"}, "spec.training.optimizer"),
     InvalidSpec("unknown-field", {"spec.training.lerningRate": 0.1}, "lerningRate"),
     InvalidSpec("bad-cpu-quantity", {"spec.resources.cpu": "lots"}, "spec.resources.cpu"),
+    # Paths built from user input: none may climb out of the folder meant, or pass a typo off as a local path.
+    InvalidSpec("output-prefix-climbs-out", {"spec.output.prefix": "../../other-team"}, "spec.output.prefix"),
+    InvalidSpec("output-prefix-dot-segment-inside", {"spec.output.prefix": "runs/../other-team"}, "spec.output.prefix"),
+    InvalidSpec("output-prefix-absolute", {"spec.output.prefix": "/runs"}, "spec.output.prefix"),
+    InvalidSpec("output-prefix-empty-segment", {"spec.output.prefix": "runs//team"}, "spec.output.prefix"),
+    InvalidSpec("model-source-climbs-out", {"spec.model.source": "s3://bucket/../../../../tmp/x/"}, "spec.model.source"),
+    InvalidSpec("model-source-one-slash", {"spec.model.source": "s3:/bad"}, "spec.model.source"),
+    InvalidSpec("model-source-unknown-scheme", {"spec.model.source": "gs://bucket/model"}, "spec.model.source"),
+    InvalidSpec("dataset-source-climbs-out", {"spec.dataset.source": "s3://bucket/data/../../x.jsonl"}, "spec.dataset.source"),
+    InvalidSpec("dataset-source-one-slash", {"spec.dataset.source": "s3:/bucket/data.jsonl"}, "spec.dataset.source"),
+    InvalidSpec("eval-source-climbs-out", {"spec.dataset.eval": {"source": "s3://bucket/./.."}}, "spec.dataset.eval.source"),
+    InvalidSpec("zero-checkpoints-kept", {"spec.output.keepCheckpoints": 0}, "spec.output.keepCheckpoints"),
 ]
 
 

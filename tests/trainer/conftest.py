@@ -24,6 +24,7 @@ __all__ = ["s3_bucket", "s3_server"]
 
 REPO = Path(__file__).resolve().parents[2]
 MEMORISE_LINES = 24
+RUN_UID = "5e1c0ffe-run-1"
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +66,8 @@ def trainer_config(model: Path | str, data: Path | str, bucket: str, endpoint: s
         "runtime": {
             "namespace": "team-a",
             "jobName": "tiny",
+            # What the operator sets from the FinetuneJob's metadata.uid.
+            "runUid": RUN_UID,
             "workDir": str(work_dir / "work"),
             "terminationMessagePath": str(work_dir / "termination-log"),
             "metricsPort": free_port(),
@@ -97,6 +100,13 @@ def trainer_env(server: MotoS3Server, **extra: str) -> dict[str, str]:
     env.update({"OMP_NUM_THREADS": "1", "KUBETUNE_POD_IP": "127.0.0.1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
     env.update(extra)
     return env
+
+
+def run_prefix(config: dict[str, Any]) -> str:
+    """The S3 key prefix of the run a config describes (``kubetune_api.layout``)."""
+    from kubetune_api.runtime import TrainerConfig
+
+    return TrainerConfig.model_validate(config).run_prefix
 
 
 def write_config(config: dict[str, Any], path: Path) -> Path:

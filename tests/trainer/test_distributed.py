@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.support.s3 import MotoS3Server, free_port
-from tests.trainer.conftest import TrainerRun, finish, start_trainer, trainer_config, trainer_env, write_config
+from tests.trainer.conftest import TrainerRun, finish, run_prefix, start_trainer, trainer_config, trainer_env, write_config
 
 pytestmark = pytest.mark.trainer
 
@@ -39,6 +39,7 @@ def test_two_processes_train_one_adapter(tiny_model_dir: Path, memorise_jsonl: P
         s3_server.endpoint_url,
         tmp_path,
         training={"maxSteps": 10, "checkpointEvery": 5, "logEvery": 5},
+        output={"bucket": s3_bucket, "prefix": "runs", "endpointUrl": s3_server.endpoint_url, "region": "us-east-1", "keepCheckpointsAfterSuccess": True},
         runtime={**runtime, "jobName": "ddp", "nodes": 2, "rendezvousHost": "127.0.0.1", "rendezvousPort": free_port()},
     )
     pods = run_pods(config, s3_server, tmp_path, nodes=2)
@@ -55,7 +56,9 @@ def test_two_processes_train_one_adapter(tiny_model_dir: Path, memorise_jsonl: P
     assert run.termination is not None and run.termination["status"] == "Succeeded" and run.termination["result"]["steps"] == 10
 
     client = s3_server.client()
-    keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/team-a/ddp/")["Contents"]}
-    # Every rank's RNG state is in the checkpoint, so a resumed run continues both ranks' streams.
-    assert {"runs/team-a/ddp/checkpoints/step-10/rng-rank0.pt", "runs/team-a/ddp/checkpoints/step-10/rng-rank1.pt"} <= keys
-    assert "runs/team-a/ddp/adapter/manifest.json" in keys
+    prefix = run_prefix(config)
+    keys = {o["Key"].removeprefix(prefix + "/") for o in client.list_objects_v2(Bucket=s3_bucket, Prefix=prefix + "/")["Contents"]}
+    # Every rank's RNG state is in the checkpoint (in the folder of the attempt that wrote it), so a resumed run continues both ranks' streams.
+    step_10 = {key.split("/", 3)[-1] for key in keys if key.startswith("checkpoints/step-10/") and key.count("/") == 3}
+    assert {"rng-rank0.pt", "rng-rank1.pt"} <= step_10
+    assert "adapter/manifest.json" in keys

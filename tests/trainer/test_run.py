@@ -22,7 +22,7 @@ from kubetune_api.recipe import OutputSpec
 from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer.storage.store import S3Store
 from tests.support.s3 import DUMMY_SECRET_ACCESS_KEY, MotoS3Server
-from tests.trainer.conftest import TrainerRun, collect, run_trainer, start_trainer, trainer_config, trainer_env, write_config
+from tests.trainer.conftest import RUN_UID, TrainerRun, collect, run_prefix, run_trainer, start_trainer, trainer_config, trainer_env, write_config
 
 pytestmark = [
     pytest.mark.trainer,
@@ -80,6 +80,9 @@ def reference(tiny_model_dir: Path, memorise_jsonl: Path, s3_server: MotoS3Serve
             except OSError:
                 continue
 
+    # An earlier attempt of this run was killed in the middle of a multipart upload: its parts must not linger.
+    stale = s3_server.client().create_multipart_upload(Bucket=bucket, Key=run_prefix(config) + "/checkpoints/step-10/killed/optimizer.pt")
+    assert stale["UploadId"]
     poller = threading.Thread(target=scrape, daemon=True)
     poller.start()
     try:
@@ -95,14 +98,15 @@ def test_run_publishes_adapter_with_manifest_and_result(reference: Reference, s3
 
     run = reference.run
     assert run.returncode == 0, run.stderr[-4000:]
-    prefix = f"s3://{reference.bucket}/runs/team-a/reference"
+    prefix = f"s3://{reference.bucket}/runs/team-a/reference/runs/{RUN_UID}"
     message = run.termination
     assert message is not None
     assert message["status"] == "Succeeded" and message["reason"] == "Succeeded"
     result = message["result"]
     assert result["adapterUri"] == f"{prefix}/adapter/"
     assert result["steps"] == STEPS and result["tokens"] > 0 and result["sizeBytes"] > 0
-    assert message["lastCheckpoint"] == {"step": STEPS, "uri": f"{prefix}/checkpoints/step-{STEPS}/"}
+    # The checkpoints went once the adapter was published (spec.output.keepCheckpointsAfterSuccess is false).
+    assert "lastCheckpoint" not in message
     assert result["peakMemoryBytes"] > 0 and result["durationSeconds"] > 0
     assert "resumedFromStep" not in result  # trained from the start
 
@@ -110,6 +114,14 @@ def test_run_publishes_adapter_with_manifest_and_result(reference: Reference, s3
     assert verify_publication(store, result["adapterUri"], deep=True)
     manifest = read_manifest(store, result["adapterUri"])
     assert manifest is not None
+    assert manifest["runUid"] == RUN_UID and manifest["attempt"]
+    # The job's stable pointer names this run's adapter.
+    latest = store.get_json("runs/team-a/reference/latest.json")
+    assert latest is not None and (latest["runUid"], latest["adapterUri"], latest["manifestSha256"]) == (
+        RUN_UID,
+        result["adapterUri"],
+        result["manifestSha256"],
+    )
     listed = {f["path"] for f in manifest["files"]}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json"} <= listed
     assert manifest["baseModel"]["source"] == reference.config["model"]["source"]
@@ -122,9 +134,39 @@ def test_run_publishes_adapter_with_manifest_and_result(reference: Reference, s3
     from transformers import AutoModelForCausalLM
 
     local = tmp_path / "adapter"
-    store.download_prefix("runs/team-a/reference/adapter", local)
+    store.download_prefix(f"runs/team-a/reference/runs/{RUN_UID}/adapter", local)
     base = AutoModelForCausalLM.from_pretrained(reference.config["model"]["source"])
     PeftModel.from_pretrained(base, local)
+
+
+def test_only_the_newest_checkpoints_are_kept_and_stale_uploads_are_aborted(reference: Reference, s3_server: MotoS3Server) -> None:
+    """spec.output.keepCheckpoints (2): each new checkpoint deletes those older than the two newest; the run's
+    unfinished multipart uploads (a killed attempt's) are aborted when it starts; all go after publication."""
+    uploaded = {e["step"]: e["deleted_steps"] for e in reference.run.events if e.get("msg") == "checkpoint uploaded"}
+    assert uploaded == {10: [], 20: [], 30: [10], 40: [20]}
+    taken_over = next(e for e in reference.run.events if e.get("msg") == "run taken over")
+    assert taken_over["aborted_uploads"] == 1
+    client = s3_server.client()
+    prefix = run_prefix(reference.config) + "/"
+    assert client.list_multipart_uploads(Bucket=reference.bucket, Prefix=prefix).get("Uploads", []) == []
+    published = next(e for e in reference.run.events if e.get("msg") == "adapter published")
+    assert published["deleted_checkpoints"] == [30, 40]
+    assert client.list_objects_v2(Bucket=reference.bucket, Prefix=prefix + "checkpoints/").get("KeyCount") == 0
+
+
+def test_a_repeated_attempt_of_a_published_run_reports_it_without_training(reference: Reference, s3_server: MotoS3Server, tmp_path: Path) -> None:
+    """The trainer Job of a finished run is created again (its status was lost with it): nothing is trained or rewritten."""
+    store = store_for(s3_server, reference.bucket)
+    manifest_key = f"{run_prefix(reference.config)}/adapter/manifest.json"
+    before = store.get_bytes(manifest_key)
+    config = {**reference.config, "runtime": {**reference.config["runtime"], "workDir": str(tmp_path / "work"), "terminationMessagePath": str(tmp_path / "t")}}
+    again = run_trainer(config, trainer_env(s3_server), tmp_path)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert not [e for e in again.events if e.get("msg") in ("training started", "progress", "checkpoint uploaded")]
+    assert again.termination is not None and reference.run.termination is not None
+    first, second = reference.run.termination["result"], again.termination["result"]
+    assert (second["adapterUri"], second["manifestSha256"], second["steps"]) == (first["adapterUri"], first["manifestSha256"], first["steps"])
+    assert store.get_bytes(manifest_key) == before
 
 
 def test_progress_is_logged_as_json_and_loss_falls(reference: Reference) -> None:
@@ -249,5 +291,5 @@ def test_sigterm_uploads_a_checkpoint_and_exits_interrupted(
     checkpoint = run.termination["lastCheckpoint"]
     assert checkpoint["step"] >= 5
     store = store_for(s3_server, s3_bucket)
-    marker = store.get_json(f"runs/team-a/stopped/checkpoints/step-{checkpoint['step']}/checkpoint.json")
-    assert marker is not None and marker["step"] == checkpoint["step"]
+    marker = store.get_json(f"{run_prefix(config)}/checkpoints/step-{checkpoint['step']}/checkpoint.json")
+    assert marker is not None and marker["step"] == checkpoint["step"] and marker["runUid"] == RUN_UID

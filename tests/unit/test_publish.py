@@ -20,7 +20,7 @@ from kubetune_trainer.storage.publish import publish_adapter, publish_merged, re
 from kubetune_trainer.storage.settings import RetryPolicy, StoreSettings
 from tests.support import s3 as s3_support
 from tests.support.s3 import MotoS3Server
-from tests.support.storage import CountingObserver, make_store
+from tests.support.storage import RUN_UID, CountingObserver, attempt_on, make_store
 
 # The shared S3 endpoint fixtures, visible to this module's tests.
 s3_server = s3_support.s3_server
@@ -51,7 +51,7 @@ def test_publish_writes_files_and_a_complete_manifest(s3_server: MotoS3Server, s
     store = make_store(s3_server, s3_bucket)
     local = write_adapter(tmp_path / "adapter")
 
-    result = publish_adapter(store, local, RUN_PREFIX, EXTRA)
+    result = publish_adapter(store, local, attempt_on(store, RUN_PREFIX), EXTRA)
 
     assert result.uri == f"s3://{s3_bucket}/{RUN_PREFIX}/adapter/"
     expected = {p.name: (sha256_file(p), p.stat().st_size) for p in local.iterdir()}
@@ -67,6 +67,8 @@ def test_publish_writes_files_and_a_complete_manifest(s3_server: MotoS3Server, s
     assert {f["path"]: (f["sha256"], f["size"]) for f in manifest["files"]} == expected
     for key, value in EXTRA.items():
         assert manifest[key] == value
+    # Who wrote it: the run (FinetuneJob UID) and the attempt (pod UID) that held the run then.
+    assert (manifest["runUid"], manifest["attempt"], manifest["pod"]) == (RUN_UID, "attempt-a", "pod-attempt-a")
     assert verify_publication(store, result.uri)
     assert verify_publication(store, result.uri, deep=True)
 
@@ -74,7 +76,7 @@ def test_publish_writes_files_and_a_complete_manifest(s3_server: MotoS3Server, s
 @pytest.mark.unit
 def test_verify_rejects_changed_or_missing_files(s3_server: MotoS3Server, s3_bucket: str, tmp_path: Path) -> None:
     store = make_store(s3_server, s3_bucket)
-    uri = publish_adapter(store, write_adapter(tmp_path / "adapter"), RUN_PREFIX, EXTRA).uri
+    uri = publish_adapter(store, write_adapter(tmp_path / "adapter"), attempt_on(store, RUN_PREFIX), EXTRA).uri
     weights_key = f"{RUN_PREFIX}/adapter/adapter_model.safetensors"
 
     # Same size, different bytes: only the checksum can tell.
@@ -82,7 +84,7 @@ def test_verify_rejects_changed_or_missing_files(s3_server: MotoS3Server, s3_buc
     assert not verify_publication(store, uri)
     assert not verify_publication(store, uri, deep=True)
 
-    publish_adapter(store, tmp_path / "adapter", RUN_PREFIX, EXTRA)
+    publish_adapter(store, tmp_path / "adapter", attempt_on(store, RUN_PREFIX), EXTRA)
     assert verify_publication(store, uri)
     store.delete_keys([f"{RUN_PREFIX}/adapter/tokenizer.json"])
     assert not verify_publication(store, uri)
@@ -94,10 +96,10 @@ def test_republishing_replaces_the_publication(s3_server: MotoS3Server, s3_bucke
     store = make_store(s3_server, s3_bucket)
     first = write_adapter(tmp_path / "first", seed=1)
     (first / "extra-notes.txt").write_text("from the first attempt")
-    publish_adapter(store, first, RUN_PREFIX, EXTRA)
+    publish_adapter(store, first, attempt_on(store, RUN_PREFIX), EXTRA)
 
     second = write_adapter(tmp_path / "second", seed=2)
-    result = publish_adapter(store, second, RUN_PREFIX, {**EXTRA, "metrics": {"finalLoss": 0.5}})
+    result = publish_adapter(store, second, attempt_on(store, RUN_PREFIX), {**EXTRA, "metrics": {"finalLoss": 0.5}})
 
     assert verify_publication(store, result.uri)
     keys = store.list_keys(f"{RUN_PREFIX}/adapter/")
@@ -122,7 +124,7 @@ def test_interrupted_publish_is_incomplete_until_published_again(s3_server: Moto
     store.client.meta.events.register("before-send.s3.PutObject", cut_before_manifest)
     try:
         with pytest.raises(StorageUnavailableError):
-            publish_adapter(store, local, RUN_PREFIX, EXTRA)
+            publish_adapter(store, local, attempt_on(store, RUN_PREFIX), EXTRA)
     finally:
         store.client.meta.events.unregister("before-send.s3.PutObject", cut_before_manifest)
         s3_server.start()
@@ -134,7 +136,7 @@ def test_interrupted_publish_is_incomplete_until_published_again(s3_server: Moto
 
     observer = CountingObserver()
     again = make_store(s3_server, bucket, observer=observer)
-    result = publish_adapter(again, local, RUN_PREFIX, EXTRA)
+    result = publish_adapter(again, local, attempt_on(again, RUN_PREFIX, claim=False), EXTRA)
     assert verify_publication(again, result.uri)
     manifest_size = len(again.get_bytes(f"{RUN_PREFIX}/adapter/{MANIFEST}") or b"")
     assert observer.bytes["upload"] == manifest_size, "files already uploaded intact were sent again"
@@ -147,7 +149,7 @@ def test_merged_model_is_published_beside_the_adapter(s3_server: MotoS3Server, s
     merged.mkdir()
     (merged / "config.json").write_text("{}")
     (merged / "model.safetensors").write_bytes(b"w" * 5000)
-    result = publish_merged(store, merged, RUN_PREFIX, EXTRA)
+    result = publish_merged(store, merged, attempt_on(store, RUN_PREFIX), EXTRA)
     assert result.uri == f"s3://{s3_bucket}/{RUN_PREFIX}/merged/"
     manifest = read_manifest(store, result.uri)
     assert manifest is not None and manifest["kind"] == "MergedModelManifest"
@@ -159,9 +161,9 @@ def test_publish_refuses_empty_folders_and_reserved_manifest_keys(s3_server: Mot
     store = make_store(s3_server, s3_bucket)
     (tmp_path / "empty").mkdir()
     with pytest.raises(StorageError, match="nothing to publish"):
-        publish_adapter(store, tmp_path / "empty", RUN_PREFIX, EXTRA)
+        publish_adapter(store, tmp_path / "empty", attempt_on(store, RUN_PREFIX), EXTRA)
     with pytest.raises(ValueError, match="files"):
-        publish_adapter(store, write_adapter(tmp_path / "adapter"), RUN_PREFIX, {"files": []})
+        publish_adapter(store, write_adapter(tmp_path / "adapter"), attempt_on(store, RUN_PREFIX), {"files": []})
 
 
 @pytest.mark.unit
@@ -193,7 +195,7 @@ def test_upload_survives_an_outage_in_the_middle(tmp_path: Path) -> None:
         store.client.meta.events.register("before-send.s3.UploadPart", drop_mid_upload)
         began = time.monotonic()
         try:
-            result = publish_adapter(store, local, RUN_PREFIX, EXTRA)
+            result = publish_adapter(store, local, attempt_on(store, RUN_PREFIX), EXTRA)
         finally:
             # A failed publish must not leave the restart pending past the server's shutdown.
             for restart in outage:

@@ -50,13 +50,18 @@ def test_parse_s3_uri_splits_bucket_and_key() -> None:
         parse_s3_uri("https://bucket/a")
     with pytest.raises(ValueError, match="without a bucket"):
         parse_s3_uri("s3:///key")
+    # A key becomes a local path (downloads) and the prefix of other keys: no segment may climb out.
+    for hostile in ("s3://bucket/../../../../tmp/x/", "s3://bucket/a/./b", "s3://bucket/..", "s3://bucket/a/.."):
+        with pytest.raises(ValueError, match="'.' or '..' segment"):
+            parse_s3_uri(hostile)
+    assert parse_s3_uri("s3://bucket/a..b/.hidden/c.") == ("bucket", "a..b/.hidden/c.")
 
 
 @pytest.mark.unit
 def test_join_key_and_relative_paths() -> None:
     assert join_key("runs/", "", "/ns/job", "adapter") == "runs/ns/job/adapter"
     assert str(safe_relative_path("a/b.bin")) == "a/b.bin"
-    for hostile in ("../etc/passwd", "/abs", "a/../../b", ""):
+    for hostile in ("../etc/passwd", "/abs", "a/../../b", "", "a\\..\\..\\b", "a\x00b"):
         with pytest.raises(StorageError):
             safe_relative_path(hostile)
 

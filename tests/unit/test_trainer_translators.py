@@ -7,17 +7,19 @@ Nothing here needs torch; the translators that build transformers or peft object
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kubetune_api.exitcodes import ExitCode
-from kubetune_api.recipe import Precision
+from kubetune_api.recipe import ModelSpec, OutputSpec, Precision
 from kubetune_api.result import MAX_BYTES, CheckpointRef
 from kubetune_api.runtime import TrainerEnvironment
-from kubetune_trainer.errors import ModelError, TrainerError, classify, redact
+from kubetune_trainer.errors import ConfigError, ModelError, TrainerError, classify, redact
 from kubetune_trainer.locations import local_path, location
-from kubetune_trainer.model import resolve_precision, resolve_target_modules
+from kubetune_trainer.model import fetch_model, resolve_precision, resolve_target_modules
 from kubetune_trainer.result import failure
 
 pytestmark = pytest.mark.unit
@@ -91,6 +93,36 @@ def test_source_location_depends_on_the_spelling_alone(source: str, kind: str, t
     (tmp_path / "data" / "train.jsonl").write_text("{}\n", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     assert location(source) == kind
+
+
+@pytest.mark.parametrize(
+    ("source", "says"),
+    [
+        ("s3:/bad", "a typo such as s3:/"),
+        ("S3://models/llama/", "a typo such as s3:/"),
+        ("gs://models/llama/", "unsupported scheme"),
+        ("s3://models/../../../../tmp/x/", "no '.' or '..' segments"),
+        ("s3://models/llama/./weights", "no '.' or '..' segments"),
+    ],
+)
+def test_a_source_of_no_valid_form_is_refused_by_the_trainer_too(source: str, says: str) -> None:
+    """The second line of defence, for a source that reached the trainer without the FinetuneJob schema."""
+    with pytest.raises(ConfigError, match=re.escape(says)) as raised:
+        location(source)
+    assert repr(source) in raised.value.message and raised.value.exit_code == ExitCode.CONFIG_ERROR
+
+
+def test_an_s3_model_source_never_lands_outside_the_scratch_directory(tmp_path: Path) -> None:
+    outside = tmp_path / "tmp" / "x"
+    spec = ModelSpec.model_construct(source="s3://bucket/../../../../" + str(outside).lstrip("/") + "/")
+    work = tmp_path / "scratch" / "work"
+
+    def no_store(output: OutputSpec) -> Any:
+        raise AssertionError("no S3 request may be made for a source of no valid form")
+
+    with pytest.raises(ConfigError):
+        fetch_model(spec, OutputSpec(bucket="bucket"), work, no_store)
+    assert not outside.exists() and not work.exists()
 
 
 def test_local_path_expands_home_and_drops_the_file_scheme(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,11 +6,17 @@ count, loss history). ``trainer_state.json`` is written last: a folder without i
 and never resumed from. Uploading and downloading the folder is ``storage.checkpoints``' job; this
 module only reads and writes local disk. peft is imported where adapters are read or written: it
 brings transformers, seconds of import that the modules of the training loop do not otherwise pay.
+
+The files come back from a bucket that others may write to, so nothing is unpickled: the ``.pt``
+files are read with ``torch.load(weights_only=True)``, which accepts tensors and plain values only,
+and every state is saved in that form (RNG states as tensors and numbers, not numpy objects). A
+file that holds anything else fails the load with ``CheckpointDamaged`` naming it; nothing in it runs.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -19,9 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kubetune_trainer.loss import LossModel
+from kubetune_trainer.storage.errors import CheckpointDamaged
 
 STATE_FILE = "trainer_state.json"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -64,15 +72,30 @@ def rng_file(rank: int) -> str:
 
 
 def capture_rng() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state of this process, as tensors and plain values (what ``torch.load(weights_only=True)`` reads)."""
+    version, internal, gauss = random.getstate()
+    bit_generator, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "bitGenerator": str(bit_generator),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "position": int(position),
+            "hasGauss": int(has_gauss),
+            "cachedGaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python, numpy = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(int(value) for value in python["state"].tolist()), python["gauss"]))
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((numpy["bitGenerator"], keys, numpy["position"], numpy["hasGauss"], numpy["cachedGaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -134,23 +157,60 @@ def newest(root: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def safe_load(path: Path, map_location: Any = None) -> Any:
+    """A ``.pt`` file's tensors and plain values; ``CheckpointDamaged`` naming the file when it holds anything else
+    (a pickled object would run code on load) or cannot be read."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointDamaged(
+            f"checkpoint file {path} cannot be loaded safely ({first[:200]}): only tensors and plain values are read "
+            "from checkpoints (torch.load weights_only=True); it was not written by kubetune or is damaged"
+        ) from error
+
+
+def _state(directory: Path) -> TrainingState:
+    path = directory / STATE_FILE
+    try:
+        return TrainingState.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointDamaged(f"checkpoint file {path} cannot be read ({error})") from error
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / ADAPTER_FILE
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointDamaged(f"checkpoint file {path} cannot be read ({error})") from error
+
+
+def check(directory: Path) -> None:
+    """Read every file of a checkpoint as ``load`` will (on CPU, into nothing); ``CheckpointDamaged`` names the first
+    that does not load, so a damaged checkpoint is passed over before the run commits to it."""
+    _weights(directory)
+    for name in sorted(p.name for p in directory.glob("*.pt")):
+        safe_load(directory / name, map_location="cpu")
+    _state(directory)
+
+
 def load(directory: Path, *, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int) -> TrainingState:
     """Restore a checkpoint written by ``save`` into the given objects; returns the training state."""
     from peft import set_peft_model_state_dict
 
     inner = peft_model_of(model)
-    weights = load_file(str(directory / ADAPTER_FILE))
-    result = set_peft_model_state_dict(inner, weights)
+    result = set_peft_model_state_dict(inner, _weights(directory))
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"checkpoint {directory} does not match the adapter layout (unexpected keys {unexpected[:5]})")
     device = next(p.device for p in inner.parameters() if p.requires_grad)
-    optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location=device, weights_only=False))
-    scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=False))
+    optimizer.load_state_dict(safe_load(directory / OPTIMIZER_FILE, map_location=device))
+    scheduler.load_state_dict(safe_load(directory / SCHEDULER_FILE))
     rng_path = directory / rng_file(rank)
     if rng_path.is_file():
-        restore_rng(torch.load(rng_path, weights_only=False))
-    return TrainingState.from_json(json.loads((directory / STATE_FILE).read_text(encoding="utf-8")))
+        restore_rng(safe_load(rng_path))
+    return _state(directory)
 
 
 def prune(root: Path, keep: int) -> None:

@@ -19,7 +19,7 @@ import torch
 from kubetune_api import layout
 from kubetune_api.exitcodes import ExitCode
 from kubetune_api.recipe import OutputSpec, Precision
-from kubetune_api.result import CheckpointRef, TerminationMessage, TrainingResult
+from kubetune_api.result import CheckpointRef, SkippedCheckpoint, TerminationMessage, TrainingResult
 from kubetune_api.runtime import TrainerConfig, TrainerEnvironment
 from kubetune_trainer import distributed, export, local_checkpoints, logs, model, result, training
 from kubetune_trainer.config import read_config
@@ -29,8 +29,8 @@ from kubetune_trainer.errors import Interrupted, TrainerError, classify
 from kubetune_trainer.local_checkpoints import TrainingState
 from kubetune_trainer.loss import LossModel
 from kubetune_trainer.metrics import TrainerMetrics, resident_memory
-from kubetune_trainer.storage import checkpoints
-from kubetune_trainer.storage.publish import PublishResult, publish_adapter, publish_merged, run_manifest
+from kubetune_trainer.storage.publish import PublishResult, run_manifest
+from kubetune_trainer.storage.run import RunFiles
 from kubetune_trainer.storage.store import S3Store
 from kubetune_trainer.training import StopFlag
 
@@ -40,7 +40,8 @@ LOCAL_CHECKPOINTS_KEPT = 2
 class LoRARecipe:
     """LoRA or QLoRA fine-tuning of a causal LM in one training process, data parallel across processes.
 
-    ``setup`` fetches the newest checkpoint, the model and the data and builds the optimizer;
+    ``setup`` fetches the newest checkpoint, the model and the data and builds the optimizer (or finds the
+    run already published by an earlier attempt, which ``report_published`` then reports);
     ``train`` runs the loop, with the hooks below reporting progress and taking checkpoints;
     ``save`` writes and publishes the adapter and reports the result; ``cleanup`` releases what
     ``setup`` started.
@@ -69,10 +70,13 @@ class LoRARecipe:
         self.output_dir = self.work_dir / "output" / runtime.namespace / runtime.job_name
         self.last_checkpoint: CheckpointRef | None = None
         self.resumed_from_step: int | None = None
+        self.skipped: list[SkippedCheckpoint] = []
+        self.published: TrainingResult | None = None
         self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
         self._pending_upload: Future[CheckpointRef] | None = None
         # Bound by setup(), not here: that is where a run can first fail, and a failure is reported through this object.
         self.store: S3Store
+        self.run_files: RunFiles
         self.files: model.ModelFiles
         self.tokenizer: Any
         self.peft_model: Any
@@ -92,6 +96,12 @@ class LoRARecipe:
         config, ctx = self.config, self.ctx
         torch.manual_seed(config.training.seed + ctx.rank)
         self.store = self.store_for(config.output)
+        self.run_files = RunFiles(self.store, config, self.environment)
+        # An attempt that follows a successful one (a re-created Job) reports the published result again.
+        self.published = distributed.broadcast_object(self.run_files.published() if ctx.is_main else None, ctx)
+        if self.published is not None:
+            logs.event("adapter already published by this run", uri=self.published.adapter_uri)
+            return
         found = self._fetch_checkpoint()
         files = model.fetch_model(config.model, config.output, self.work_dir, self.store_for, self.environment) if ctx.is_local_main else None
         distributed.barrier(ctx)
@@ -127,17 +137,19 @@ class LoRARecipe:
         return S3Store.from_output(output, environment=self.environment, observer=self.metrics)
 
     def _fetch_checkpoint(self) -> CheckpointRef | None:
-        """Find the newest complete checkpoint in S3 and bring it to local disk; None for a fresh start.
+        """Take the run over (fencing older attempts), find the newest sound checkpoint and bring it to local disk;
+        None for a fresh start. Damaged newer ones are passed over, each with a warning.
 
         Runs before the model loads, so a wrong bucket or missing permission fails the run at once.
         """
         ctx = self.ctx
-        newest = checkpoints.newest_complete(self.store, self.config.run_prefix) if ctx.is_main else None
+        point = self.run_files.begin(lambda step: local_checkpoints.step_dir(self.checkpoint_root, step), local_checkpoints.check) if ctx.is_main else None
         # Every pod resumes from rank 0's choice, even if another checkpoint completes meanwhile.
-        found: CheckpointRef | None = distributed.broadcast_object(newest, ctx)
-        if found is not None and ctx.is_local_main:
+        found: CheckpointRef | None
+        found, self.skipped = distributed.broadcast_object((point.checkpoint, point.skipped) if point is not None else None, ctx)
+        if found is not None and ctx.is_local_main and not ctx.is_main:
             # Files already here with the right sha256 (a container restart on the same node) are kept.
-            checkpoints.download_checkpoint(self.store, found.uri, local_checkpoints.step_dir(self.checkpoint_root, found.step))
+            self.run_files.fetch(found.step, local_checkpoints.step_dir(self.checkpoint_root, found.step))
         distributed.barrier(ctx)
         return found
 
@@ -273,14 +285,14 @@ class LoRARecipe:
 
     def _upload(self, local: Path, step: int, loss: float | None) -> CheckpointRef:
         began = time.monotonic()
-        uri = checkpoints.upload_checkpoint(self.store, local, self.config.run_prefix, step, {"loss": loss})
+        uploaded, pruned = self.run_files.save_checkpoint(local, step, {"loss": loss})
         seconds = time.monotonic() - began
         if self.metrics is not None:
             m = self.metrics
             m.upload_seconds.labels(**m.labels).observe(seconds)
             m.set(m.last_checkpoint_step, step)
-        logs.event("checkpoint uploaded", step=step, uri=uri, seconds=round(seconds, 3))
-        return CheckpointRef(step=step, uri=uri)
+        logs.event("checkpoint uploaded", step=step, uri=uploaded.uri, seconds=round(seconds, 3), deleted_steps=pruned)
+        return uploaded
 
     def _wait_for_upload(self) -> None:
         if self._pending_upload is not None:
@@ -302,14 +314,13 @@ class LoRARecipe:
         export.save_adapter(self.peft_model, self.tokenizer, adapter_dir)
         state = outcome.state
         manifest = run_manifest(config, steps=state.step, tokens=state.tokens, final_loss=outcome.final_loss, eval_loss=outcome.eval_loss, losses=state.losses)
-        published = publish_adapter(self.store, adapter_dir, config.run_prefix, manifest)
-        logs.event("adapter published", uri=published.uri, size_bytes=published.size_bytes)
-        if config.output.merged_model:
-            merged_dir = self.output_dir / layout.MERGED_FOLDER
+        merged_dir = self.output_dir / layout.MERGED_FOLDER if config.output.merged_model else None
+        if merged_dir is not None:
             export.save_merged(self.files, adapter_dir, merged_dir, config)
-            merged = publish_merged(self.store, merged_dir, config.run_prefix, manifest)
-            logs.event("merged model published", uri=merged.uri, size_bytes=merged.size_bytes)
-        return published
+        done = self.run_files.publish(adapter_dir, merged_dir, manifest)
+        if done.deleted_steps:
+            self.last_checkpoint = None
+        return done.adapter
 
     def _report_success(self, outcome: training.Outcome, published: PublishResult | None) -> None:
         ctx = self.ctx
@@ -326,11 +337,18 @@ class LoRARecipe:
                 duration_seconds=round(time.monotonic() - self.started, 3),
                 peak_memory_bytes=int(peak),
                 resumed_from_step=self.resumed_from_step,
+                skipped_checkpoints=self.skipped or None,
             )
             if published is not None
             else None
         )
         result.report_success(TerminationMessage.succeeded(trained, self.last_checkpoint), self.config.runtime.termination_message_path)
+
+    def report_published(self) -> None:
+        """Report the result an earlier attempt of this run published (found by ``setup``), without training."""
+        if self.ctx.is_local_main:
+            message = TerminationMessage.succeeded(self.published if self.ctx.is_main else None, None)
+            result.report_success(message, self.config.runtime.termination_message_path)
 
     # ---- failure and cleanup --------------------------------------------------------------------
 
@@ -380,7 +398,10 @@ def run(config: TrainerConfig, environment: TrainerEnvironment | None = None) ->
     recipe = LoRARecipe(config, ctx, environment, metrics=metrics, stop=stop, started=started)
     try:
         recipe.setup()
-        recipe.save(recipe.train())
+        if recipe.published is None:
+            recipe.save(recipe.train())
+        else:
+            recipe.report_published()
     except BaseException as error:
         return recipe.fail(error)
     finally:

@@ -46,6 +46,14 @@ class StorageUnavailableError(StorageError):
     exit_code = ExitCode.STORAGE_UNAVAILABLE
 
 
+class PreconditionFailed(StorageError):
+    """A conditional write was refused: another writer created or replaced the object since it was read."""
+
+
+class CheckpointDamaged(StorageError):
+    """A checkpoint whose marker cannot be trusted, or whose files do not load: the run resumes from an older one."""
+
+
 class StorageIntegrityError(StorageError):
     """Data read back does not match its checksum. Retried; persistent mismatches end as unavailable."""
 

@@ -1,10 +1,10 @@
 """S3 access for the trainer: verified uploads and downloads, retried through outages.
 
-Every remote call goes through one retry loop with exponential backoff and jitter, bounded by a
-total time budget. What cannot succeed by waiting (access refused, bucket missing, bad key pair)
-raises ``StorageAccessError`` at once; a store that stays unreachable past the budget raises
-``StorageUnavailableError``. Both carry the trainer exit code the operator acts on. Credentials
-come from the environment and never appear in messages.
+Every remote call goes through one retry loop (``retry.Retrier``) with exponential backoff and
+jitter, bounded by a total time budget. What cannot succeed by waiting (access refused, bucket
+missing, bad key pair) raises ``StorageAccessError`` at once; a store that stays unreachable past
+the budget raises ``StorageUnavailableError``. Both carry the trainer exit code the operator acts
+on. Credentials come from the environment and never appear in messages.
 
 Uploads hash the file locally, send it with an S3 SHA-256 checksum (the server rejects a body
 that does not match) and record the hex digest as object metadata. A single-part upload is done
@@ -19,12 +19,11 @@ import base64
 import hashlib
 import json
 import os
-import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -34,20 +33,10 @@ from botocore.exceptions import ClientError
 from kubetune_api import layout
 from kubetune_api.recipe import OutputSpec
 from kubetune_api.runtime import TrainerEnvironment
-from kubetune_trainer.storage.errors import (
-    StorageAccessError,
-    StorageError,
-    StorageIntegrityError,
-    StorageUnavailableError,
-    causes,
-    classify,
-    describe,
-    error_code,
-)
-from kubetune_trainer.storage.paths import iter_files, object_sha256, safe_relative_path, sha256_file
+from kubetune_trainer.storage.errors import PreconditionFailed, StorageError, StorageIntegrityError, error_code, http_status
+from kubetune_trainer.storage.paths import iter_files, json_bytes, object_sha256, safe_relative_path, sha256_file
+from kubetune_trainer.storage.retry import Retrier
 from kubetune_trainer.storage.settings import NullObserver, StorageObserver, StoreSettings
-
-T = TypeVar("T")
 
 SHA256_METADATA_KEY = "sha256"
 """User metadata key (x-amz-meta-sha256) holding the hex SHA-256 of the whole object."""
@@ -80,8 +69,9 @@ class S3Store:
         self.endpoint_url = endpoint_url
         self.settings = settings or StoreSettings()
         self.observer: StorageObserver = observer or NullObserver()
-        self._sleep = sleep
-        self._rng = random.Random()
+        self._retrying = Retrier(bucket, endpoint_url, self.settings.retry, self.observer, sleep)
+        # Cleared when the store answers a conditional write with NotImplemented; the attempt lease is then the only fence.
+        self.conditional_writes = True
         self._transfer = TransferConfig(
             multipart_threshold=self.settings.multipart_threshold_bytes,
             multipart_chunksize=self.settings.multipart_chunk_bytes,
@@ -123,44 +113,6 @@ class S3Store:
         )
         client = session.client("s3", endpoint_url=endpoint, config=config)
         return cls(client, output.bucket, endpoint_url=endpoint, settings=settings, observer=observer)
-
-    # ---- retry loop -------------------------------------------------------------------------
-
-    def _retrying(self, operation: str, key: str, action: Callable[[], T]) -> T:
-        policy = self.settings.retry
-        began = time.monotonic()
-        deadline = began + policy.max_total_seconds
-        attempt = 0
-        while True:
-            try:
-                return action()
-            except Exception as error:
-                if isinstance(error, StorageError) and not isinstance(error, StorageIntegrityError):
-                    raise
-                kind = classify(error)
-                if kind == "access":
-                    raise StorageAccessError(self._access_message(operation, key, error)) from error
-                if kind == "other" and any(isinstance(cause, ClientError) for cause in causes(error)):
-                    raise StorageError(f"S3 {operation} of {self.uri(key)} failed ({describe(error)})") from error
-                if kind != "retry":
-                    raise
-                delay = policy.delay(attempt, self._rng)
-                if time.monotonic() + delay > deadline:
-                    raise StorageUnavailableError(
-                        f"S3 {operation} of {self.uri(key)} failed {attempt + 1} times in "
-                        f"{time.monotonic() - began:.0f}s ({describe(error)}); check that the endpoint "
-                        f"{self.endpoint_url or 'AWS S3'} is reachable from the pod. The job is retried from its newest checkpoint."
-                    ) from error
-                attempt += 1
-                self.observer.on_retry()
-                self._sleep(delay)
-
-    def _access_message(self, operation: str, key: str, error: BaseException) -> str:
-        return (
-            f"S3 refused {operation} of {self.uri(key)} ({describe(error)}). Check that bucket "
-            f"'{self.bucket}' exists at {self.endpoint_url or 'AWS S3'} in the configured region (spec.output.bucket, endpointUrl, region) "
-            "and that the key pair in spec.output.credentialsSecret may read and write it."
-        )
 
     # ---- objects ------------------------------------------------------------------------------
 
@@ -287,11 +239,19 @@ class S3Store:
             paths.append(target)
         return paths
 
-    def put_bytes(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> ObjectInfo:
-        """Write a small object in one request, checked by S3 against its SHA-256."""
-        raw = hashlib.sha256(data).digest()
+    def put_bytes(
+        self, key: str, data: bytes, *, content_type: str = "application/octet-stream", create: bool = False, replacing: str | None = None
+    ) -> ObjectInfo:
+        """Write a small object in one request, checked by S3 against its SHA-256.
 
-        def call() -> ObjectInfo:
+        ``create`` writes only if no object has the key; ``replacing`` (an ETag from ``get_versioned``) only
+        over that version. Either way ``PreconditionFailed`` means someone else wrote it first; a retried
+        request whose first try landed is recognised by the object holding these bytes.
+        """
+        raw = hashlib.sha256(data).digest()
+        condition = {"IfNoneMatch": "*"} if create else {"IfMatch": replacing} if replacing is not None else {}
+
+        def put(condition: Mapping[str, str]) -> None:
             self.client.put_object(
                 Bucket=self.bucket,
                 Key=key,
@@ -300,29 +260,51 @@ class S3Store:
                 ChecksumAlgorithm="SHA256",
                 ChecksumSHA256=base64.b64encode(raw).decode("ascii"),
                 Metadata={SHA256_METADATA_KEY: raw.hex()},
+                **condition,
             )
+
+        def call() -> ObjectInfo:
+            try:
+                put(condition if self.conditional_writes else {})
+            except ClientError as error:
+                if not condition or not self.conditional_writes:
+                    raise
+                if error_code(error) == "NotImplemented" or http_status(error) == 501:
+                    self.conditional_writes = False
+                    put({})
+                elif error_code(error) in {"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"} or http_status(error) in {409, 412}:
+                    current = self._get_object_once(key)
+                    if current is None or current["Body"].read() != data:
+                        raise PreconditionFailed(f"{self.uri(key)} was written by someone else since it was read") from error
+                else:
+                    raise
             return ObjectInfo(key=key, size=len(data), sha256=raw.hex())
 
         info = self._retrying("upload", key, call)
         self.observer.on_bytes("upload", len(data))
         return info
 
-    def get_bytes(self, key: str) -> bytes | None:
-        """An object's content, or None when it does not exist."""
+    def get_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """An object's content and ETag (what ``put_bytes(replacing=...)`` names), or None when it does not exist."""
 
-        def call() -> bytes | None:
+        def call() -> tuple[bytes, str] | None:
             response = self._get_object_once(key)
             if response is None:
                 return None
             body: bytes = response["Body"].read()
             if len(body) != int(response["ContentLength"]):
                 raise StorageIntegrityError(f"short read of {self.uri(key)}")
-            return body
+            return body, str(response["ETag"])
 
-        data = self._retrying("download", key, call)
-        if data is not None:
-            self.observer.on_bytes("download", len(data))
-        return data
+        found = self._retrying("download", key, call)
+        if found is not None:
+            self.observer.on_bytes("download", len(found[0]))
+        return found
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """An object's content, or None when it does not exist."""
+        found = self.get_versioned(key)
+        return None if found is None else found[0]
 
     def sha256_object(self, key: str) -> str | None:
         """Hex SHA-256 of an object's content, streamed (not held in memory); None when it does not exist."""
@@ -355,9 +337,8 @@ class S3Store:
                 return None
             raise
 
-    def put_json(self, key: str, document: Any) -> ObjectInfo:
-        data = json.dumps(document, indent=2, sort_keys=True).encode("utf-8")
-        return self.put_bytes(key, data, content_type="application/json")
+    def put_json(self, key: str, document: Any, *, create: bool = False, replacing: str | None = None) -> ObjectInfo:
+        return self.put_bytes(key, json_bytes(document), content_type="application/json", create=create, replacing=replacing)
 
     def get_json(self, key: str) -> Any | None:
         """A parsed JSON object, or None when the key does not exist."""
@@ -407,3 +388,16 @@ class S3Store:
         keys = self.list_keys(prefix)
         self.delete_keys(keys)
         return len(keys)
+
+    def abort_uploads(self, prefix: str) -> int:
+        """Abort every unfinished multipart upload under ``prefix`` (their parts are billed until then); returns how many."""
+
+        def call() -> int:
+            aborted = 0
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
+                for upload in page.get("Uploads", []):
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    aborted += 1
+            return aborted
+
+        return self._retrying("abort", prefix, call)
