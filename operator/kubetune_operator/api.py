@@ -7,6 +7,7 @@ from these models by ``kubetune_operator.crdgen``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -118,14 +119,19 @@ class ResourcesSpec(ApiModel):
     image: str | None = Field(default=None, max_length=1024, description="Trainer image to use instead of the operator's default.")
 
 
+@dataclass(frozen=True)
 class Mutable:
     """``Annotated`` marker of a spec field that may change after creation; every other spec field is immutable.
 
     A mutable field is named like the trainer Job field it sets, so the operator re-applies it under the same name.
+    One the operator acts on itself (``on_job=False``) is kept off the Job: the Job gets none, and an earlier one is removed.
     """
+
+    on_job: bool = True
 
 
 MUTABLE = Mutable()
+MUTABLE_BY_OPERATOR = Mutable(on_job=False)
 
 
 def _unchanged(field: str) -> str:
@@ -159,7 +165,11 @@ def _spec_schema(schema: JsonDict, model: type[Any]) -> None:
 
 def _aliases(model: type[Any], mutable: bool) -> list[str]:
     fields: dict[str, FieldInfo] = model.model_fields
-    return [info.alias or name for name, info in fields.items() if (MUTABLE in info.metadata) is mutable]
+    return [info.alias or name for name, info in fields.items() if (_mutable(info) is not None) is mutable]
+
+
+def _mutable(info: FieldInfo) -> Mutable | None:
+    return next((item for item in info.metadata if isinstance(item, Mutable)), None)
 
 
 class FinetuneJobSpec(TrainingRecipe):
@@ -175,8 +185,13 @@ class FinetuneJobSpec(TrainingRecipe):
         default=3, ge=0, le=100, description="Retries of the trainer after runtime failures (configuration errors are never retried)."
     )
     active_deadline_seconds: Annotated[int | None, MUTABLE] = Field(default=None, ge=60, description="Fail the job when it runs longer than this.")
-    ttl_seconds_after_finished: Annotated[int | None, MUTABLE] = Field(
-        default=None, ge=0, description="Delete the finished trainer Job (not the FinetuneJob) after this many seconds."
+    ttl_seconds_after_finished: Annotated[int | None, MUTABLE_BY_OPERATOR] = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Delete the finished trainer Job and its pods (not the FinetuneJob) this many seconds after the job finished. "
+            "The operator deletes it only once the outcome is recorded in status, so the result is never lost with the Job."
+        ),
     )
     queue_name: str | None = Field(
         default=None,
@@ -186,8 +201,13 @@ class FinetuneJobSpec(TrainingRecipe):
     )
 
     def lifecycle(self) -> dict[str, Any]:
-        """The mutable fields by their (trainer Job) names; None where unset."""
-        return {info.alias or name: getattr(self, name) for name, info in type(self).model_fields.items() if MUTABLE in info.metadata}
+        """The trainer Job's values of the mutable fields, by their (Job) names: None where unset or kept off the Job."""
+        values: dict[str, Any] = {}
+        for name, info in type(self).model_fields.items():
+            marker = _mutable(info)
+            if marker is not None:
+                values[info.alias or name] = getattr(self, name) if marker.on_job else None
+        return values
 
     @model_validator(mode="after")
     def _check_hardware(self) -> FinetuneJobSpec:

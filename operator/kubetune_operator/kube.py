@@ -125,6 +125,18 @@ class Kube:
         self._wrote("patch", "job")
         return True
 
+    def delete_job(self, namespace: str, name: str, uid: str) -> bool:
+        """Delete the Job with this uid, its pods in the background; False when it is gone or another Job holds the name."""
+        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid), propagation_policy="Background")
+        try:
+            self.batch.delete_namespaced_job(name, namespace, body=options, _preload_content=False)
+        except ApiException as error:
+            if error.status in (404, 409):
+                return False
+            raise
+        self._wrote("delete", "job")
+        return True
+
     def patch_status(self, namespace: str, name: str, status: Obj) -> None:
         """Merge-patch a FinetuneJob's status subresource."""
         self.custom.patch_namespaced_custom_object_status(

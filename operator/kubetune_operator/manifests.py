@@ -96,6 +96,8 @@ def trainer_config(job: FinetuneJob, settings: OperatorSettings) -> TrainerConfi
     runtime = RuntimeConfig(
         namespace=job.metadata.namespace,
         job_name=name,
+        # A FinetuneJob created again under the same name is a new run, with a folder of its own in S3.
+        run_uid=job.metadata.uid,
         gpus_per_node=spec.resources.gpus,
         nodes=spec.resources.nodes,
         # The pod of completion index 0, by its stable name under the headless Service.
@@ -156,6 +158,8 @@ def _env(job: FinetuneJob) -> list[Manifest]:
     env: list[Manifest] = [
         _field_env(env_name("pod_ip"), "status.podIP"),
         _field_env(env_name("pod_name"), "metadata.name"),
+        # Each attempt's token: it fences the attempt's S3 writes against an older pod that is still running.
+        _field_env(env_name("pod_uid"), "metadata.uid"),
         {"name": "HOME", "value": WORK_DIR},
         {"name": "HF_HOME", "value": f"{WORK_DIR}/hf"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},

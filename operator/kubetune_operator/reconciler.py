@@ -20,7 +20,7 @@ from kubetune_operator.kube import Kube, Rejected, SecretsForbidden
 from kubetune_operator.progress import ScrapeError, TrainerSample, scrape
 from kubetune_operator.runtime import Key, Obj, Runtime, now
 from kubetune_operator.snapshots import Watched, controller_owner, finished, parse, previous_status, short_errors, slim_job
-from kubetune_operator.status import Observed, compute_status, invalid_spec_status, status_patch
+from kubetune_operator.status import Observed, compute_status, invalid_spec_status, job_expiry, status_patch
 from kubetune_operator.verdict import rank
 
 PROGRESS_READERS = 8
@@ -255,6 +255,18 @@ class Reconciler:
             new = compute_status(ftj, observed)
             self.runtime.track(key, running=new.get("phase") == api.Phase.RUNNING)
             self._publish(key, body, new)
+            self._expire(key, ftj, job, new)
+
+    def _expire(self, key: Key, ftj: api.FinetuneJob, job: Obj | None, written: Obj) -> None:
+        """spec.ttlSecondsAfterFinished, kept by the operator rather than the Job controller: the finished Job (and its
+        pods) goes only after ``written``, the status as the apiserver now holds it, records the outcome, so a Job
+        never disappears before its result is kept (a Job controller's TTL would delete it while the operator is down)."""
+        when = job_expiry(ftj, api.FinetuneJobStatus.model_validate(written)) if job is not None else None
+        if job is None or when is None or when > now():
+            self.runtime.expire_at(key, when)
+            return
+        self.runtime.expire_at(key, None)
+        self.kube.delete_job(ftj.metadata.namespace, manifests.job_name(ftj.metadata.name), job["metadata"]["uid"])
 
     def _publish(self, key: Key, body: Obj, new: Obj) -> None:
         """Patch the status when it differs from what was last written or observed; post the Events the change calls for."""
@@ -289,13 +301,18 @@ class Reconciler:
             self.refresh(key, watched, sample=sample)
 
     async def poll_progress(self) -> None:
-        """Every interval, read the progress of each running trainer.
+        """Every interval, read the progress of each running trainer, and delete the finished Jobs whose TTL has passed.
 
         One operator-wide ticker instead of a kopf timer per object: kopf puts a finalizer on
         objects with timers, and a FinetuneJob must delete cleanly even with the operator down.
         """
         while True:
             await asyncio.sleep(self.settings.progress_interval_seconds)
+            watched = self.runtime.watched
+            if watched is not None:
+                for key in self.runtime.expired_keys(now()):
+                    # A refresh writes the status if it changed, then deletes the Job (_expire).
+                    self.refresh(key, watched)
             keys = self.runtime.running_keys()
             for batch in range(0, len(keys), PROGRESS_READERS):
                 await asyncio.gather(*(asyncio.to_thread(self.read_progress, key) for key in keys[batch : batch + PROGRESS_READERS]))

@@ -39,6 +39,8 @@ class Runtime:
     _written: dict[Key, Obj] = field(default_factory=dict)
     _queued: set[Key] = field(default_factory=set)
     _running: set[Key] = field(default_factory=set)
+    # When each finished trainer Job may be deleted (spec.ttlSecondsAfterFinished); the ticker refreshes them then.
+    _expiries: dict[Key, datetime] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # kopf's per-object handling state (last handled spec, handler progress), kept in memory.
     handled: HandledState = field(default_factory=HandledState)
@@ -66,6 +68,22 @@ class Runtime:
     def running_keys(self) -> list[Key]:
         with self._guard:
             return sorted(self._running)
+
+    def expire_at(self, key: Key, when: datetime | None) -> None:
+        """Remember when the finished Job of ``key`` may be deleted; None forgets it."""
+        with self._guard:
+            if when is None:
+                self._expiries.pop(key, None)
+            else:
+                self._expiries[key] = when
+
+    def expired_keys(self, moment: datetime) -> list[Key]:
+        """The FinetuneJobs whose finished Job may be deleted by ``moment``, forgotten as they are returned."""
+        with self._guard:
+            due = sorted(key for key, when in self._expiries.items() if when <= moment)
+            for key in due:
+                del self._expiries[key]
+            return due
 
     def lock(self, key: Key) -> threading.Lock:
         with self._guard:
@@ -119,6 +137,7 @@ class Runtime:
             self._written.pop(key, None)
             self._queued.discard(key)
             self._running.discard(key)
+            self._expiries.pop(key, None)
 
     @contextmanager
     def timed(self, handler: str) -> Iterator[None]:

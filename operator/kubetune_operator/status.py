@@ -1,15 +1,16 @@
 """Pure status function: the observed trainer Job, its pods and a metrics sample in, status out.
 
-Nothing is accumulated: every field is derived from what is observed now. Two exceptions keep
+Nothing is accumulated: every field is derived from what is observed now. The exceptions keep
 what was observed before because it can no longer be observed: the last progress sample
-(between metric reads) and a finished run's status once its Job has been deleted by TTL.
+(between metric reads), a finished run's result once its pods are gone (pod garbage collection,
+``kubectl delete pod``), and a finished run's whole status once its Job has been deleted by TTL.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from kubetune_api import layout
@@ -52,22 +53,26 @@ class Observed:
 def _checkpoint(spec: FinetuneJob, observed: Observed, previous: FinetuneJobStatus | None) -> CheckpointRef | None:
     for pod in newest_first(observed.pods):
         message = termination_message(pod)
+        if message is not None and message.status == "Succeeded":
+            # A successful run may have deleted its checkpoints after publishing: what it reports is what is left.
+            return message.last_checkpoint
         if message is not None and message.last_checkpoint is not None:
             return message.last_checkpoint
     if observed.sample is not None and observed.sample.last_checkpoint_step is not None:
-        run = layout.run_prefix(spec.spec.output.prefix, spec.metadata.namespace, spec.metadata.name)
+        run = layout.run_prefix(spec.spec.output.prefix, spec.metadata.namespace, spec.metadata.name, spec.metadata.uid)
         return CheckpointRef(
             step=observed.sample.last_checkpoint_step, uri=layout.checkpoint_uri(spec.spec.output.bucket, run, observed.sample.last_checkpoint_step)
         )
     return previous.last_checkpoint if previous else None
 
 
-def _result(observed: Observed) -> Result | None:
+def _result(observed: Observed, previous: FinetuneJobStatus | None) -> Result | None:
     for pod in newest_first(observed.pods):
         message = termination_message(pod)
         if message is not None and message.status == "Succeeded" and message.result is not None:
             return Result.model_validate(message.result.model_dump())
-    return None
+    # The pods that reported it are gone (garbage-collected, deleted by hand): a finished job's result never goes away.
+    return previous.result if previous is not None and previous.phase is Phase.SUCCEEDED else None
 
 
 def _attempts(spec: FinetuneJob, observed: Observed) -> int:
@@ -121,7 +126,7 @@ def compute_status(spec: FinetuneJob, observed: Observed) -> Obj:
         else:
             advice = f"no node has {name} in its allocatable resources; install the device plugin or check spec.resources.gpuResourceName"
             verdict.set(GPU_RESOURCE_AVAILABLE, False, REASON_GPU_RESOURCE_NOT_FOUND, advice)
-    result = _result(observed) if verdict.phase is Phase.SUCCEEDED else None
+    result = _result(observed, previous) if verdict.phase is Phase.SUCCEEDED else None
     if result is not None:
         verdict.message = f"adapter published at {result.adapter_uri}"
     progress = _progress(verdict.phase, observed, previous, result)
@@ -162,6 +167,15 @@ def _progress(phase: Phase, observed: Observed, previous: FinetuneJobStatus | No
         # Figures of a trainer that is not running would go stale: keep where it got to, not its speed.
         return before.model_copy(update={"tokens_per_second": None, "eta_seconds": None})
     return before
+
+
+def job_expiry(spec: FinetuneJob, status: FinetuneJobStatus) -> datetime | None:
+    """When the trainer Job may be deleted under spec.ttlSecondsAfterFinished: its completion plus the TTL, once
+    ``status`` (as written) records the outcome; None while it is not finished or no TTL is set."""
+    ttl = spec.spec.ttl_seconds_after_finished
+    if ttl is None or status.phase not in (Phase.SUCCEEDED, Phase.FAILED) or status.completion_time is None:
+        return None
+    return status.completion_time + timedelta(seconds=ttl)
 
 
 def invalid_spec_status(message: str, generation: int, previous: FinetuneJobStatus | None, now: datetime) -> Obj:

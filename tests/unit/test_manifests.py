@@ -147,8 +147,9 @@ def test_suspend_and_lifecycle_fields_reach_the_job() -> None:
     assert job["spec"]["suspend"] is True
     assert job["spec"]["backoffLimit"] == 5
     assert job["spec"]["activeDeadlineSeconds"] == 7200
-    assert job["spec"]["ttlSecondsAfterFinished"] == 600
-    assert manifests.job_update(ftj) == {"suspend": True, "backoffLimit": 5, "activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": 600}
+    # The operator keeps the TTL itself, after recording the outcome: the Job gets none, and one it has is removed.
+    assert "ttlSecondsAfterFinished" not in job["spec"]
+    assert manifests.job_update(ftj) == {"suspend": True, "backoffLimit": 5, "activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": None}
     # Unset limits are removed from the Job by the merge patch.
     assert (manifests.job_update(make()) or {})["activeDeadlineSeconds"] is None
 
@@ -172,7 +173,7 @@ def test_the_job_fields_a_finetunejob_may_change_are_the_mutable_spec_fields() -
     ftj = make(suspend=True, backoffLimit=5, activeDeadlineSeconds=7200, ttlSecondsAfterFinished=600)
     job_spec = manifests.build_job(ftj, SETTINGS)["spec"]
     assert set(manifests.job_update(ftj) or {}) == set(api.MUTABLE_FIELDS) == {"suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"}
-    assert {field: job_spec[field] for field in api.MUTABLE_FIELDS} == manifests.job_update(ftj)
+    assert {field: job_spec.get(field) for field in api.MUTABLE_FIELDS} == manifests.job_update(ftj)
 
 
 def test_scheduling_constraints_come_from_the_spec() -> None:
@@ -224,7 +225,20 @@ def test_every_variable_the_trainer_reads_is_named_by_its_environment_model() ->
     ours = {env_name(field) for field in TrainerEnvironment.model_fields}
     # HOME, HF_HOME and PYTHONUNBUFFERED are read by Python and the Hugging Face libraries, not by the trainer.
     assert names - ours == {"HOME", "HF_HOME", "PYTHONUNBUFFERED"}
-    assert names & ours == {"KUBETUNE_POD_IP", "KUBETUNE_POD_NAME", "HF_HUB_CACHE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"}
+    assert names & ours == {
+        "KUBETUNE_POD_IP",
+        "KUBETUNE_POD_NAME",
+        "KUBETUNE_POD_UID",
+        "HF_HUB_CACHE",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "HF_TOKEN",
+    }
+
+
+def test_each_attempt_gets_its_pod_uid_as_its_fencing_token() -> None:
+    env = {item["name"]: item for item in manifests.build_job(make(), SETTINGS)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env[env_name("pod_uid")]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.uid"}}
 
 
 def test_without_secrets_no_credential_env_is_set() -> None:
@@ -245,7 +259,13 @@ def test_config_map_holds_the_trainer_config_with_runtime() -> None:
     assert config.runtime.gpus_per_node == 2
     assert config.runtime.nodes == 2
     assert config.runtime.metrics_port == 9300
-    assert config.run_prefix == "runs/team-a/llama"
+    # The FinetuneJob's UID names the run: a namesake created later writes a folder of its own.
+    assert config.runtime.run_uid == "0f6c-uid"
+    assert config.job_prefix == "runs/team-a/llama"
+    assert config.run_prefix == "runs/team-a/llama/runs/0f6c-uid"
+    namesake = make().model_copy(update={"metadata": make().metadata.model_copy(update={"uid": "7a1e-uid"})})
+    other = manifests.trainer_config(namesake, SETTINGS)
+    assert other.run_prefix == "runs/team-a/llama/runs/7a1e-uid" and other.job_prefix == config.job_prefix
 
 
 def test_every_child_is_owned_and_labelled() -> None:

@@ -14,7 +14,7 @@ from kubetune_operator import conditions as st
 from kubetune_operator.api import FinetuneJob, FinetuneJobStatus, Progress
 from kubetune_operator.events import transition_events
 from kubetune_operator.progress import TrainerSample
-from kubetune_operator.status import Observed, compute_status, invalid_spec_status, status_patch
+from kubetune_operator.status import Observed, compute_status, invalid_spec_status, job_expiry, status_patch
 
 pytestmark = pytest.mark.unit
 
@@ -129,7 +129,8 @@ def test_running_with_metrics_fills_progress_and_checkpoint() -> None:
     assert status["progress"]["step"] == 42
     assert status["progress"]["loss"] == 1.25
     assert status["progressText"] == "42%"
-    assert status["lastCheckpoint"] == {"step": 40, "uri": "s3://adapters/runs/team-a/llama/checkpoints/step-40/"}
+    # The run's own folder: runs/<FinetuneJob uid>/ under the job's prefix (kubetune_api.layout).
+    assert status["lastCheckpoint"] == {"step": 40, "uri": "s3://adapters/runs/team-a/llama/runs/uid-1/checkpoints/step-40/"}
     assert status["startTime"] == "2026-11-27T07:00:05Z"
 
 
@@ -145,7 +146,7 @@ def test_progress_is_kept_between_metric_reads_while_running() -> None:
 
 SUCCESS_MESSAGE = TerminationMessage.succeeded(
     TrainingResult(
-        adapter_uri="s3://adapters/runs/team-a/llama/adapter/",
+        adapter_uri="s3://adapters/runs/team-a/llama/runs/uid-1/adapter/",
         manifest_sha256="a" * 64,
         size_bytes=1234,
         final_loss=0.875,
@@ -155,7 +156,7 @@ SUCCESS_MESSAGE = TerminationMessage.succeeded(
         peak_memory_bytes=9_000_000_000,
         resumed_from_step=60,
     ),
-    CheckpointRef(step=100, uri="s3://adapters/runs/team-a/llama/checkpoints/step-100/"),
+    CheckpointRef(step=100, uri="s3://adapters/runs/team-a/llama/runs/uid-1/checkpoints/step-100/"),
 ).to_api()
 
 
@@ -163,7 +164,7 @@ def test_succeeded_with_termination_message_publishes_the_result() -> None:
     done = job([cond("SuccessCriteriaMet", "CompletionsReached"), cond("Complete", "CompletionsReached")], succeeded=1, completionTime="2026-11-27T07:40:00Z")
     status = compute_status(ftj(), observe(job=done, pods=[pod("Succeeded", state=terminated(0, SUCCESS_MESSAGE, "Completed"))]))
     assert status["phase"] == "Succeeded"
-    assert status["result"]["adapterUri"] == "s3://adapters/runs/team-a/llama/adapter/"
+    assert status["result"]["adapterUri"] == "s3://adapters/runs/team-a/llama/runs/uid-1/adapter/"
     assert status["result"]["finalLoss"] == 0.875
     assert status["result"]["peakMemoryBytes"] == 9_000_000_000
     assert status["result"]["resumedFromStep"] == 60
@@ -290,6 +291,41 @@ def test_finished_status_survives_the_job_ttl() -> None:
     finished = compute_status(ftj(), observe(job=done, pods=[pod("Succeeded", state=terminated(0, SUCCESS_MESSAGE, "Completed"))]))
     after_ttl = compute_status(ftj(finished), observe(job=None, pods=[]))
     assert after_ttl == finished
+
+
+def test_the_result_stays_when_the_pods_of_a_finished_job_are_gone() -> None:
+    """Pod garbage collection or `kubectl delete pod` after Succeeded: the Job is still Complete, its pods are not there."""
+    done = job([cond("Complete", "CompletionsReached")], succeeded=1, completionTime="2026-11-27T07:40:00Z")
+    finished = compute_status(ftj(), observe(job=done, pods=[pod("Succeeded", state=terminated(0, SUCCESS_MESSAGE, "Completed"))]))
+    without_pods = compute_status(ftj(finished), observe(job=done, pods=[]))
+    assert without_pods["result"] == finished["result"] and without_pods["result"]["manifestSha256"] == "a" * 64
+    assert without_pods["completionTime"] == finished["completionTime"] and without_pods["phase"] == "Succeeded"
+    assert status_patch(finished, without_pods) is None, "the status would be written again without the result"
+
+
+def test_a_finished_job_expires_its_ttl_after_completion_and_only_once_finished() -> None:
+    done = job([cond("Complete", "CompletionsReached")], succeeded=1, completionTime="2026-11-27T07:40:00Z")
+    finished = FinetuneJobStatus.model_validate(
+        compute_status(ftj(), observe(job=done, pods=[pod("Succeeded", state=terminated(0, SUCCESS_MESSAGE, "Completed"))]))
+    )
+    assert job_expiry(ftj(ttlSecondsAfterFinished=600), finished) == datetime(2026, 11, 27, 7, 50, tzinfo=UTC)
+    assert job_expiry(ftj(), finished) is None, "no TTL: the Job stays"
+    running = FinetuneJobStatus.model_validate(compute_status(ftj(), observe(job=job(active=1), pods=[pod("Running", state={"running": {}})])))
+    assert job_expiry(ftj(ttlSecondsAfterFinished=0), running) is None, "a Job whose outcome is not recorded never expires"
+
+
+def test_a_success_that_deleted_its_checkpoints_reports_none() -> None:
+    """After publishing, the trainer deletes the run's checkpoints (spec.output.keepCheckpointsAfterSuccess: false)
+    and reports no lastCheckpoint: the status must not keep pointing at a deleted one."""
+    running = compute_status(
+        ftj(),
+        observe(job=job(active=1), pods=[pod("Running", state={"running": {}})], sample=TrainerSample(Progress(step=50), last_checkpoint_step=50)),
+    )
+    assert running["lastCheckpoint"]["step"] == 50
+    message = {k: v for k, v in SUCCESS_MESSAGE.items() if k != "lastCheckpoint"}
+    done = job([cond("Complete", "CompletionsReached")], succeeded=1, completionTime="2026-11-27T07:40:00Z")
+    finished = compute_status(ftj(running), observe(job=done, pods=[pod("Succeeded", state=terminated(0, message, "Completed"))]))
+    assert "lastCheckpoint" not in finished
 
 
 def test_gpu_resource_not_found_is_a_warning_not_a_failure() -> None:
