@@ -31,7 +31,8 @@ def test_demo_runs_end_to_end() -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "100%" in output and "Succeeded" in output
-    assert "adapter: s3://kubetune-demo/runs/ml/tiny-lora/adapter/" in output
+    # The run's own folder, named by the FinetuneJob's uid (kubetune_api.layout).
+    assert re.search(r"adapter: s3://kubetune-demo/runs/ml/tiny-lora/runs/[0-9a-f-]{36}/adapter/ ", output), output[-4000:]
     assert "stopping everything the demo started" in output
     # The command it shows is the one it ran: the file exists and says what was changed from the example.
     applied = re.search(r"kubectl apply -f (\S+) -n ml   # examples/tiny-cpu-lora.yaml with spec.output.endpointUrl=(\S+)", output)

@@ -7,6 +7,7 @@ import contextlib
 import http.server
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
@@ -102,7 +103,8 @@ def test_a_spec_change_while_running_reaches_the_job(harness: Harness) -> None:
     harness.spec_changed("changed", suspended_before=False)
     job = harness.job("changed")
     assert job is not None
-    assert (job["spec"]["backoffLimit"], job["spec"].get("activeDeadlineSeconds"), job["spec"]["ttlSecondsAfterFinished"]) == (5, None, 600)
+    # The TTL is the operator's to keep (after the outcome is recorded): it never reaches the Job.
+    assert (job["spec"]["backoffLimit"], job["spec"].get("activeDeadlineSeconds"), job["spec"].get("ttlSecondsAfterFinished")) == (5, None, None)
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "localhost/kubetune-trainer:test"
     assert harness.status("changed")["phase"] == "Running"
 
@@ -176,6 +178,46 @@ def test_a_job_removed_by_its_ttl_after_success_is_not_recreated(harness: Harnes
     assert harness.jobs("finished") == []
     assert harness.status("finished")["phase"] == "Succeeded"
     assert harness.finetunejob("finished")["metadata"]["resourceVersion"] == version
+
+
+def test_the_operator_deletes_a_finished_job_once_its_outcome_is_recorded_and_the_ttl_passed(harness: Harness) -> None:
+    """ttlSecondsAfterFinished is kept by the operator, not the Job controller: a Job deleted before the operator saw
+    it finish would take the result with it, and the operator would train the run again."""
+    harness.created("expiring", ttlSecondsAfterFinished=0)
+    job = harness.job("expiring")
+    assert job is not None and "ttlSecondsAfterFinished" not in job["spec"]
+    harness.complete_job("expiring")
+    harness.job_changed("expiring")
+    assert harness.status("expiring")["phase"] == "Succeeded"
+    assert harness.jobs("expiring") == [] and harness.writes("delete", "job") == 1
+    harness.job_changed("expiring", deleted=True)
+    assert harness.jobs("expiring") == [], "the finished run was started again"
+    assert harness.status("expiring")["phase"] == "Succeeded"
+
+
+def test_a_finished_job_stays_until_its_ttl_has_passed_and_an_unfinished_one_always(harness: Harness) -> None:
+    ten_days = 10 * 24 * 3600
+    harness.created("kept", ttlSecondsAfterFinished=ten_days)
+    harness.complete_job("kept")
+    harness.job_changed("kept")
+    assert harness.status("kept")["phase"] == "Succeeded" and harness.job("kept") is not None
+    # The ticker deletes it once the TTL has passed (completionTime + ttl), not before.
+    assert harness.runtime.expired_keys(datetime.now(UTC)) == []
+    assert harness.runtime.expired_keys(datetime.now(UTC) + timedelta(seconds=ten_days)) == [(NAMESPACE, "kept")]
+    harness.running("unfinished", ttlSecondsAfterFinished=0)
+    harness.pod_changed("unfinished")
+    assert harness.job("unfinished") is not None and harness.writes("delete", "job") == 0
+
+
+def test_a_ttl_an_earlier_operator_put_on_the_job_is_taken_off(harness: Harness) -> None:
+    harness.created("older", ttlSecondsAfterFinished=0)
+    harness.batch.patch_namespaced_job(
+        manifests.job_name("older"), NAMESPACE, {"spec": {"ttlSecondsAfterFinished": 0}}, _content_type="application/merge-patch+json"
+    )
+    harness.restart()
+    harness.ensure("older")
+    job = harness.job("older")
+    assert job is not None and job["spec"].get("ttlSecondsAfterFinished") is None
 
 
 def test_a_job_deleted_by_a_user_while_running_is_replaced(harness: Harness) -> None:

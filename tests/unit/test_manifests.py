@@ -268,6 +268,17 @@ def test_config_map_holds_the_trainer_config_with_runtime() -> None:
     assert other.run_prefix == "runs/team-a/llama/runs/7a1e-uid" and other.job_prefix == config.job_prefix
 
 
+def test_a_run_started_by_hand_is_named_by_its_recipe() -> None:
+    """No runUid (a config written by hand): the recipe's hash names the run, so changing what it trains is a new run."""
+    config = manifests.trainer_config(make(), SETTINGS)
+    by_hand = config.model_copy(update={"runtime": config.runtime.model_copy(update={"run_uid": ""})})
+    assert by_hand.run_id.startswith("recipe-") and by_hand.run_prefix == f"runs/team-a/llama/runs/{by_hand.run_id}"
+    moved = by_hand.runtime.model_copy(update={"work_dir": "/elsewhere", "termination_message_path": "/tmp/t"})
+    assert by_hand.model_copy(update={"runtime": moved}).run_id == by_hand.run_id, "where it runs does not make it another run"
+    lower = by_hand.model_copy(update={"training": by_hand.training.model_copy(update={"learning_rate": 1e-5})})
+    assert lower.run_id != by_hand.run_id
+
+
 def test_every_child_is_owned_and_labelled() -> None:
     ftj = make(resources={"gpus": 8, "nodes": 2})
     for child in manifests.build_children(ftj, SETTINGS):
