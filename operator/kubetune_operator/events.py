@@ -25,6 +25,7 @@ REASON_SUSPENDING = "Suspending"
 REASON_RESUMING = "Resuming"
 REASON_SUSPEND_MANAGED_BY_KUEUE = "SuspendManagedByKueue"
 REASON_JOB_UPDATE_REJECTED = "JobUpdateRejected"
+REASON_CHECKPOINT_PASSED_OVER = "DamagedCheckpointPassedOver"
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ def transition_events(old: dict[str, Any] | None, new: dict[str, Any]) -> list[E
         elif phase == "Succeeded":
             uri = (new.get("result") or {}).get("adapterUri", "")
             events.append(Event("Normal", st.REASON_SUCCEEDED, f"adapter published at {uri}" if uri else "the FinetuneJob succeeded"))
+            events += passed_over_events(new.get("result") or {})
         elif old_phase is None or phase in ("Running", "Suspended"):
             # Pending after Running is a retry, which the Retrying or OOMKilled warning reports.
             events.append(Event("Normal", str(phase), new.get("message") or str(phase)))
@@ -64,6 +66,15 @@ def transition_events(old: dict[str, Any] | None, new: dict[str, Any]) -> list[E
         if before.get(kind, ("", "", ""))[:2] != (status, reason):
             events.append(Event("Warning", reason, message or reason))
     return events
+
+
+def passed_over_events(result: dict[str, Any]) -> list[Event]:
+    """A warning for each damaged checkpoint the final attempt passed over: the run succeeded, but from an older
+    checkpoint than the newest, and the damaged one is still in the bucket for someone to look at."""
+    return [
+        Event("Warning", REASON_CHECKPOINT_PASSED_OVER, f"checkpoint step {item.get('step')} at {item.get('uri')} was passed over: {item.get('reason')}")
+        for item in result.get("skippedCheckpoints") or []
+    ]
 
 
 def suspend_events(suspended_before: bool | None, suspend: bool, queued: bool) -> list[Event]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_api.result import CheckpointRef, TerminationMessage, TrainingResult
+from kubetune_api.result import CheckpointRef, SkippedCheckpoint, TerminationMessage, TrainingResult
 from kubetune_operator import conditions as st
 from kubetune_operator.api import FinetuneJob, FinetuneJobStatus, Progress
 from kubetune_operator.events import transition_events
@@ -370,6 +370,19 @@ def test_events_on_transitions() -> None:
     assert [(e.type, e.reason) for e in transition_events(stuck, failed)] == [("Warning", "DeadlineExceeded")]
     first = transition_events(None, pending)
     assert [(e.type, e.reason) for e in first] == [("Normal", "Pending")]
+
+
+def test_a_damaged_checkpoint_passed_over_is_a_warning_event_at_success() -> None:
+    skipped = SkippedCheckpoint(step=20, uri="s3://adapters/runs/team-a/llama/runs/uid-1/checkpoints/step-20/", reason="optimizer.pt cannot be loaded safely")
+    result = TrainingResult(adapter_uri="s3://adapters/runs/team-a/llama/runs/uid-1/adapter/", resumed_from_step=10, skipped_checkpoints=[skipped])
+    message = TerminationMessage.succeeded(result, None).to_api()
+    running = compute_status(ftj(), observe(job=job(active=1), pods=[pod("Running")]))
+    done = job([cond("Complete", "CompletionsReached")], succeeded=1, completionTime="2026-11-27T07:40:00Z")
+    finished = compute_status(ftj(), observe(job=done, pods=[pod("Succeeded", state=terminated(0, message, "Completed"))]))
+    events = transition_events(running, finished)
+    assert [(e.type, e.reason) for e in events] == [("Normal", "Succeeded"), ("Warning", "DamagedCheckpointPassedOver")]
+    assert all(part in events[1].message for part in ("step 20", skipped.uri, skipped.reason)), events[1].message
+    assert transition_events(finished, finished) == []
 
 
 def test_every_reason_is_camel_case_as_the_condition_schema_requires() -> None:
