@@ -16,6 +16,10 @@ names that run's adapter (what model registries and scripts read to find "the" a
 ``<attempt>`` is the trainer pod's metadata.uid: each attempt writes checkpoint files only into its
 own folder, and only the attempt named in ``attempt.json`` may commit a marker or a manifest.
 
+Helpers taking ``run`` take a ``run_prefix``; anything else that belongs to one run (its logs, an
+adapter it did not publish) gets a folder of its own name there, beside ``adapter/``, so that a
+namesake never mixes it up with its own. Only ``latest.json`` lives outside a run's folder.
+
 The trainer writes these keys and the operator reports them; both build them only here.
 """
 
