@@ -16,7 +16,6 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +73,7 @@ def upload_checkpoint(store: S3Store, local_ckpt_dir: Path, attempt: Attempt, st
         files.append(ListedFile(path=relative, sha256=info.sha256 or "", size=info.size))
     if not files:
         raise StorageError(f"checkpoint folder {local_ckpt_dir} is empty")
-    document = {
-        "schemaVersion": CHECKPOINT_SCHEMA_VERSION,
-        "step": step,
-        "created": datetime.now(UTC).isoformat(),
-        "files": [item.to_json() for item in files],
-        "meta": meta,
-        **attempt.stamp(),
-    }
+    document = attempt.listing(CHECKPOINT_SCHEMA_VERSION, files, step=step, meta=meta)
     attempt.check()
     # A marker still there is another attempt's (a stale writer's, or a damaged one passed over): replaced as read.
     current = store.get_versioned(marker_key)

@@ -19,11 +19,13 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from kubetune_api import layout
 from kubetune_api.runtime import TrainerConfig, TrainerEnvironment
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.storage.errors import PreconditionFailed, StorageError
+from kubetune_trainer.storage.paths import ListedFile
 from kubetune_trainer.storage.store import S3Store
 
 TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -92,3 +94,13 @@ class Attempt:
     def stamp(self) -> dict[str, str]:
         """What markers and manifests record about who wrote them."""
         return {"runUid": self.run_uid, "attempt": self.token, "pod": self.pod}
+
+    def listing(self, schema_version: int, files: list[ListedFile], **fields: Any) -> dict[str, Any]:
+        """A marker or manifest: the files it vouches for, when, and who wrote them."""
+        return {
+            "schemaVersion": schema_version,
+            "created": datetime.now(UTC).isoformat(),
+            "files": [item.to_json() for item in files],
+            **fields,
+            **self.stamp(),
+        }

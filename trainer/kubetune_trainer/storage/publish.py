@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +82,7 @@ def _publish(store: S3Store, local_dir: Path, prefix: str, attempt: Attempt, man
     store.delete_keys(stale)
 
     size_bytes = sum(item.size for item in files)
-    manifest = {
-        "schemaVersion": MANIFEST_SCHEMA_VERSION,
-        "kind": kind,
-        "created": datetime.now(UTC).isoformat(),
-        "files": [item.to_json() for item in files],
-        "sizeBytes": size_bytes,
-        **attempt.stamp(),
-        **manifest_extra,
-    }
+    manifest = {**attempt.listing(MANIFEST_SCHEMA_VERSION, files, kind=kind, sizeBytes=size_bytes), **manifest_extra}
     data = json_bytes(manifest)
     attempt.check()
     # Created, never replaced: if another writer's manifest appeared since the withdrawal, this one loses.
