@@ -18,6 +18,7 @@ from kubetune_api import layout
 from kubetune_api.recipe import OutputSpec
 from kubetune_api.result import PublishedRun
 from kubetune_api.runtime import TrainerEnvironment
+from kubetune_operator import manifests
 from kubetune_trainer.storage.publish import read_manifest, verify_publication
 from kubetune_trainer.storage.store import S3Store
 from tests.e2e.support.stack import DEMO_BUCKET, Stack
@@ -115,17 +116,23 @@ def test_the_result_stays_when_the_pods_of_a_succeeded_job_are_deleted(stack: St
 
 def test_a_job_finished_while_the_operator_was_down_is_recorded_then_removed_by_its_ttl(stack: Stack) -> None:
     """Seen before: with ttlSecondsAfterFinished 0 and the operator down at completion, the Job went before the
-    outcome was recorded and the operator trained the run a second time."""
+    outcome was recorded and the operator trained the run a second time.
+
+    The run starts only once the operator is stopped (the Job is created suspended and resumed by hand), so it
+    finishes while the operator is down however fast or slow the machine is.
+    """
     name, namespace, operators = "ttl-while-down", stack.settings.jobs_namespace, stack.settings.operator_namespace
     store = demo_store(stack)
-    create(stack, name, ttlSecondsAfterFinished=0, **LONG_RUN)
-    stack.wait_for(lambda: stack.finetunejob(name).get("status", {}).get("phase") == "Running", 180, "Running")
+    create(stack, name, suspend=True, ttlSecondsAfterFinished=0, training={"maxSteps": 20, "checkpointEvery": 10, "logEvery": 5})
+    stack.wait_for(lambda: len(trainer_jobs(stack, name)) == 1, 120, "the suspended trainer Job")
     assert "ttlSecondsAfterFinished" not in trainer_jobs(stack, name)[0]["spec"], "the Job controller must not delete it before the operator saw it finish"
     deployment = stack.kubectl("get", "deployment", "-n", operators, "-l", "app.kubernetes.io/name=kubetune", "-o", "name").stdout.split()[0]
     stack.kubectl("scale", deployment, "-n", operators, "--replicas=0")
     try:
         stack.wait_for(lambda: not stack.get_json("pods", "-n", operators, "-l", "app.kubernetes.io/name=kubetune")["items"], 120, "the operator to stop")
-        assert stack.finetunejob(name)["status"]["phase"] == "Running", "the run finished before the operator stopped; lengthen it"
+        resume = json.dumps({"spec": {"suspend": False}})
+        stack.kubectl("patch", "ftj", name, "-n", namespace, "--type=merge", "-p", resume)
+        stack.kubectl("patch", "job", manifests.job_name(name), "-n", namespace, "--type=merge", "-p", resume)
 
         def finished() -> bool:
             jobs = trainer_jobs(stack, name)
@@ -133,6 +140,7 @@ def test_a_job_finished_while_the_operator_was_down_is_recorded_then_removed_by_
 
         stack.wait_for(finished, 600, "the trainer Job to complete")
         time.sleep(SETTLE_SECONDS)  # where a Job controller TTL would have deleted the Job by now
+        assert trainer_jobs(stack, name), "the finished Job went while nobody had recorded its outcome"
         published = manifest_keys(store, name, namespace)
         assert len(published) == 1, published
     finally:
