@@ -7,6 +7,7 @@
         <attempt>/...                                                    the files of the attempt the marker names
     <output.prefix>/<namespace>/<name>/runs/<run>/adapter/               the published adapter, manifest.json last
     <output.prefix>/<namespace>/<name>/runs/<run>/merged/                the merged model, when asked for
+    <output.prefix>/<namespace>/<name>/runs/<run>/prepared/<key>.npz     tokenized, packed data from the preparation step
 
 ``<run>`` is the FinetuneJob's metadata.uid (a hash of the recipe for runs started by hand), so a
 FinetuneJob deleted and created again under the same name is a new run: it never resumes from,
@@ -29,6 +30,7 @@ RUNS_FOLDER = "runs"
 CHECKPOINTS_FOLDER = "checkpoints"
 ADAPTER_FOLDER = "adapter"
 MERGED_FOLDER = "merged"
+PREPARED_FOLDER = "prepared"
 CHECKPOINT_MARKER = "checkpoint.json"
 """Written last into a checkpoint folder: it lists every file, so its presence means complete."""
 MANIFEST = "manifest.json"
@@ -87,6 +89,11 @@ def adapter_prefix(run: str) -> str:
 
 def merged_prefix(run: str) -> str:
     return join_key(run, MERGED_FOLDER)
+
+
+def prepared_prefix(run: str) -> str:
+    """Folder of the run's prepared (tokenized and packed) data, one file per cache key."""
+    return join_key(run, PREPARED_FOLDER)
 
 
 def checkpoint_uri(bucket: str, run: str, step: int) -> str:

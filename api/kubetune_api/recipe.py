@@ -198,6 +198,16 @@ class TrainingSpec(ApiModel):
     per_device_batch_size: int = Field(default=4, ge=1, le=4096, description="Sequences per device per micro-batch.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=4096, description="Micro-batches accumulated per optimizer step.")
     gradient_checkpointing: bool = Field(default=True, description="Recompute activations in the backward pass: much less memory, about 30% more compute.")
+    auto_fit: bool = Field(
+        default=False,
+        description=(
+            "Fit the run to the GPU before it starts: the preparation step estimates GPU memory from the model's config.json and "
+            "picks the largest perDeviceBatchSize that fits (keeping perDeviceBatchSize x gradientAccumulationSteps as the effective "
+            "batch) and turns on gradientCheckpointing only if needed. The GPU size comes from spec.resources.gpuMemory, else the "
+            "nvidia.com/gpu.memory label of the GPU nodes, else the operator's default. When nothing fits the job fails with reason "
+            "DoesNotFit, the estimate and what would fit, before any GPU is requested. Ignored on CPU (gpus: 0)."
+        ),
+    )
     precision: Precision = Field(
         default=Precision.AUTO,
         description="Training precision. auto picks bf16 on GPUs that support it, else fp16 on GPUs, and fp32 on CPU.",

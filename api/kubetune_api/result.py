@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, ValidationError
 
 from kubetune_api.exitcodes import REASONS, ExitCode
+from kubetune_api.fit import FitDecision
 from kubetune_api.schema import ApiModel
 
 MAX_BYTES = 4096
@@ -69,6 +70,45 @@ class PublishedRun(ApiModel):
     manifest_sha256: str = Field(max_length=64, description="sha256 of the adapter's manifest.json.")
     merged_uri: str | None = Field(default=None, max_length=2048, description="s3:// URI of the merged model, when one was published.")
     published: datetime = Field(description="When the publication completed.")
+    micro_batch: int | None = Field(default=None, ge=1, description="Micro-batch the run ended with (smaller than asked after out-of-memory adjustments).")
+    oom_adjustments: int | None = Field(
+        default=None, ge=0, description="Times the trainer halved the micro-batch (doubling accumulation) after running out of GPU memory."
+    )
+
+
+class LengthQuantiles(ApiModel):
+    """Token lengths of the training records after truncation."""
+
+    p50: int = Field(ge=0, description="Median record length in tokens.")
+    p90: int = Field(ge=0, description="90th percentile.")
+    p99: int = Field(ge=0, description="99th percentile.")
+    max: int = Field(ge=0, description="Longest record.")
+
+
+class DataReport(ApiModel):
+    """What the dataset turned into once validated, tokenized and packed."""
+
+    train_records: int = Field(ge=0, description="Training records kept.")
+    eval_records: int = Field(default=0, ge=0, description="Evaluation records kept.")
+    tokens: int = Field(ge=0, description="Tokens in the training records.")
+    truncated_records: int = Field(default=0, ge=0, description="Records cut to maxSeqLength.")
+    dropped_records: int = Field(default=0, ge=0, description="Records dropped for having no target token within maxSeqLength.")
+    sequences: int = Field(ge=0, description="Training sequences (packed windows, or one per record without packing).")
+    packing_efficiency: float = Field(ge=0, le=1, description="Share of sequence slots holding real tokens (1.0: no padding).")
+    steps_per_epoch: int = Field(ge=0, description="Optimizer steps per epoch with the chosen micro-batch and accumulation.")
+    total_steps: int = Field(ge=0, description="Optimizer steps of the run.")
+    lengths: LengthQuantiles = Field(description="Record lengths in tokens.")
+    dataset_sha256: str = Field(max_length=64, description="SHA-256 over the dataset's files (or the Hugging Face revision): part of the cache key.")
+
+
+class PreparationReport(ApiModel):
+    """The preparation step's result: the data report, the prepared-data cache and the memory fit."""
+
+    data: DataReport = Field(description="Records, tokens and steps of the prepared data.")
+    cache_uri: str = Field(max_length=2048, description="Where the tokenized, packed data is (s3:// or a local path); the trainer loads it.")
+    cache_key: str = Field(max_length=64, description="Digest of everything that decides the prepared data.")
+    fit: FitDecision | None = Field(default=None, description="Memory estimate per GPU and the settings chosen; absent for CPU jobs.")
+    duration_seconds: float | None = Field(default=None, ge=0, description="Wall time of the preparation.")
 
 
 class TerminationMessage(ApiModel):
@@ -80,6 +120,7 @@ class TerminationMessage(ApiModel):
     exit_code: int = Field(default=0, ge=0, le=255, description="The process exit code.")
     result: TrainingResult | None = Field(default=None, description="The published adapter, when the run succeeded.")
     last_checkpoint: CheckpointRef | None = Field(default=None, description="The newest complete checkpoint of the run.")
+    preparation: PreparationReport | None = Field(default=None, description="What the preparation step found, when this process prepared the data.")
 
     @classmethod
     def succeeded(cls, result: TrainingResult | None, last_checkpoint: CheckpointRef | None) -> TerminationMessage:

@@ -17,6 +17,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kubetune_api import layout
+from kubetune_api.fit import DEFAULT_HEADROOM, GpuMemorySource
 from kubetune_api.recipe import TrainingRecipe
 from kubetune_api.schema import ApiModel
 
@@ -33,6 +34,17 @@ RENDEZVOUS_PORT = 29500
 
 
 RUN_UID_PATTERN = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$"
+
+
+class PreparationRuntime(ApiModel):
+    """What the operator tells the preparation step and the trainer; see kubetune_trainer.preparation."""
+
+    cache_uri: str | None = Field(
+        default=None, description="Prepared data written by the preparation Job (s3:// URI); set, the trainer loads it and tokenizes nothing."
+    )
+    gpu_memory_bytes: int | None = Field(default=None, ge=1, description="Memory of one GPU for the estimate and the fit; None on CPU.")
+    gpu_memory_source: GpuMemorySource = Field(default=GpuMemorySource.DEFAULT, description="Where gpuMemoryBytes came from.")
+    headroom: float = Field(default=DEFAULT_HEADROOM, ge=0, lt=1, description="Share of the GPU memory the fit leaves free.")
 
 
 class RuntimeConfig(ApiModel):
@@ -58,6 +70,7 @@ class RuntimeConfig(ApiModel):
     metrics_port: int = Field(default=METRICS_PORT, ge=1, le=65535, description="Port of the Prometheus metrics endpoint.")
     work_dir: str = Field(default=WORK_DIR, description="Scratch directory for caches and local checkpoints.")
     termination_message_path: str = Field(default=TERMINATION_MESSAGE_PATH, description="File that receives the JSON result.")
+    preparation: PreparationRuntime = Field(default_factory=PreparationRuntime, description="Prepared data and the GPU size to fit.")
 
     @property
     def processes_per_node(self) -> int:

@@ -18,7 +18,7 @@ from pydantic.fields import FieldInfo
 
 from kubetune_api.messages import message
 from kubetune_api.recipe import RECIPE_RULES, Optimizer, Precision, TrainingRecipe
-from kubetune_api.result import CheckpointRef, TrainingResult
+from kubetune_api.result import CheckpointRef, PreparationReport, TrainingResult
 from kubetune_api.schema import K8S_NAME_PATTERN, ApiModel, cel, validations
 
 GROUP = "kubetune.io"
@@ -117,6 +117,35 @@ class ResourcesSpec(ApiModel):
     affinity: Affinity | None = Field(default=None, description="Node affinity of the trainer pods.")
     priority_class_name: str | None = Field(default=None, max_length=253, pattern=K8S_NAME_PATTERN, description="PriorityClass of the trainer pods.")
     image: str | None = Field(default=None, max_length=1024, description="Trainer image to use instead of the operator's default.")
+    gpu_memory: Quantity | None = Field(
+        default=None,
+        description=(
+            "Memory of one GPU, for example '80Gi', used by the memory estimate and spec.training.autoFit. Unset: the "
+            "nvidia.com/gpu.memory label (MiB) that NVIDIA's GPU feature discovery puts on GPU nodes, else the operator's default."
+        ),
+    )
+
+
+class PreparationMode(StrEnum):
+    AUTO = "Auto"
+    JOB = "Job"
+    IN_TRAINER = "InTrainer"
+
+
+class PreparationSpec(ApiModel):
+    """Where the data is validated, tokenized and packed, and the memory estimated, before training."""
+
+    mode: PreparationMode = Field(
+        default=PreparationMode.AUTO,
+        description=(
+            "Job: a CPU-only Job <name>-prepare (no GPU requested) validates every record, tokenizes and packs the data into a cache "
+            "under the run's S3 prefix, estimates GPU memory (and fits the batch with spec.training.autoFit), and only then is the "
+            "trainer Job created; the trainer loads the cache and tokenizes nothing. InTrainer: the trainer does it all itself. "
+            "Auto (default): Job when the run uses GPUs, InTrainer for CPU runs (gpus: 0)."
+        ),
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request and limit of the preparation pod; unset uses the operator's default.")
+    memory: Quantity | None = Field(default=None, description="Memory request and limit of the preparation pod; unset uses the operator's default.")
 
 
 @dataclass(frozen=True)
@@ -193,12 +222,20 @@ class FinetuneJobSpec(TrainingRecipe):
             "The operator deletes it only once the outcome is recorded in status, so the result is never lost with the Job."
         ),
     )
+    preparation: PreparationSpec = Field(
+        default_factory=PreparationSpec, description="Where the data is prepared and the memory estimated before training (a CPU Job by default for GPU runs)."
+    )
     queue_name: str | None = Field(
         default=None,
         max_length=63,
         pattern=K8S_NAME_PATTERN,
         description="Kueue LocalQueue to submit the trainer Job to; Kueue then decides when it starts.",
     )
+
+    def prepares_in_job(self) -> bool:
+        """True when a separate CPU Job prepares the data before the trainer Job is created."""
+        mode = self.preparation.mode
+        return mode is PreparationMode.JOB or (mode is PreparationMode.AUTO and self.resources.gpus > 0)
 
     def lifecycle(self) -> dict[str, Any]:
         """The trainer Job's values of the mutable fields, by their (Job) names: None where unset or kept off the Job."""
@@ -235,6 +272,7 @@ def spec_errors(spec: FinetuneJobSpec) -> list[str]:
 
 class Phase(StrEnum):
     PENDING = "Pending"
+    PREPARING = "Preparing"
     RUNNING = "Running"
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
@@ -274,11 +312,14 @@ class Result(TrainingResult):
 class FinetuneJobStatus(ApiModel):
     """Observed state of a FinetuneJob, computed from its trainer Job, pods and metrics."""
 
-    phase: Phase = Field(default=Phase.PENDING, description="Pending, Running, Suspended, Succeeded or Failed.")
+    phase: Phase = Field(default=Phase.PENDING, description="Pending, Preparing, Running, Suspended, Succeeded or Failed.")
     conditions: list[Condition] = Field(default_factory=list, max_length=16, description="Kubernetes-style conditions.")
     progress: Progress | None = Field(default=None, description="Live training progress.")
     last_checkpoint: CheckpointRef | None = Field(default=None, description="Newest complete checkpoint.")
     result: Result | None = Field(default=None, description="The published adapter, once Succeeded.")
+    preparation: PreparationReport | None = Field(
+        default=None, description="What the preparation step found: the data report, the prepared-data cache, the memory estimate and the fit."
+    )
     job_name: str | None = Field(default=None, max_length=253, description="Name of the trainer Job.")
     start_time: datetime | None = Field(default=None, description="When the trainer first started.")
     completion_time: datetime | None = Field(default=None, description="When the FinetuneJob finished.")

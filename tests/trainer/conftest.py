@@ -114,9 +114,9 @@ def write_config(config: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def start_trainer(config_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+def start_trainer(config_path: Path, env: dict[str, str], mode: str = "train") -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "kubetune_trainer", "--config", str(config_path)],
+        [sys.executable, "-m", "kubetune_trainer", mode, "--config", str(config_path)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -142,12 +142,12 @@ def collect(returncode: int, stderr: str, termination_path: Path) -> TrainerRun:
     return TrainerRun(returncode, stderr, termination, events)
 
 
-def run_trainer(config: dict[str, Any], env: dict[str, str], tmp_path: Path, timeout: float = 300) -> TrainerRun:
-    """Run the trainer to completion as its pod would and collect exit code, JSON logs and result."""
+def run_trainer(config: dict[str, Any], env: dict[str, str], tmp_path: Path, timeout: float = 300, mode: str = "train") -> TrainerRun:
+    """Run the trainer (or its preparation step) to completion as its pod would and collect exit code, JSON logs and result."""
     termination = Path(config["runtime"]["terminationMessagePath"])
     termination.unlink(missing_ok=True)
     path = write_config(config, tmp_path / f"config-{os.urandom(3).hex()}.yaml")
-    return finish(start_trainer(path, env), termination, timeout)
+    return finish(start_trainer(path, env, mode), termination, timeout)
 
 
 @pytest.fixture

@@ -225,7 +225,7 @@ def test_unknown_extension_asks_for_file_format(tmp_path: Path, tokenizer: Any) 
 @pytest.mark.parametrize(
     ("messages", "complaint"),
     [
-        ([{"role": "user", "content": "hi"}, {"role": "assistant"}], "record 0, message 1: 'content' must be a string"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant"}], "bad.jsonl line 1, message 1: 'content' must be a string"),
         ([{"role": "narrator", "content": "once"}], "role 'narrator' is not one of"),
         ("not json", "is a string that is not a JSON list"),
     ],

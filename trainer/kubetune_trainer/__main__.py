@@ -1,6 +1,7 @@
-"""Entry point: ``python -m kubetune_trainer --config /etc/kubetune/config.yaml``.
+"""Entry point: ``python -m kubetune_trainer [train|prepare] --config /etc/kubetune/config.yaml``.
 
-Reads the TrainerConfig, then either runs the recipe in this process or, when the run spans
+``prepare`` runs the preparation step (kubetune_trainer.preparation) in this process. ``train`` (the
+default) reads the TrainerConfig, then either runs the recipe in this process or, when the run spans
 several processes (GPUs per pod > 1 or several pods), starts them through torch's elastic launcher
 and exits with the first failing worker's code.
 """
@@ -19,6 +20,13 @@ from kubetune_trainer.errors import TrainerError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kubetune_trainer", description="Fine-tune a model with LoRA/QLoRA from a TrainerConfig file.")
+    parser.add_argument(
+        "mode",
+        nargs="?",
+        choices=("train", "prepare"),
+        default="train",
+        help="train (default), or prepare: validate, tokenize and pack the data and estimate GPU memory, on a CPU.",
+    )
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML or JSON TrainerConfig (default: %(default)s).")
     args = parser.parse_args(argv)
     environment = TrainerEnvironment()
@@ -29,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(result.report_failure(error, None, termination_path(args.config), environment))
 
     # Imported once the config is known to be valid: a bad config is reported without waiting for torch.
+    if args.mode == "prepare":
+        from kubetune_trainer import preparation
+
+        return int(preparation.run(config, environment))
     from kubetune_trainer import distributed, recipe
 
     topo = distributed.topology(config.runtime, environment.completion_index)

@@ -153,6 +153,50 @@ def fetch_model(spec: ModelSpec, output: OutputSpec, work_dir: Path, store_facto
     return ModelFiles(spec.source, spec.revision, environment.hf_token or None, environment.hf_hub_cache or None)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
+"""Files the preparation step never fetches: the weights (their index files, *.index.json, are kept)."""
+
+
+def is_weight_file(name: str) -> bool:
+    return name.lower().endswith(WEIGHT_SUFFIXES)
+
+
+def fetch_model_metadata(spec: ModelSpec, output: OutputSpec, work_dir: Path, store_factory: StoreFactory, environment: TrainerEnvironment) -> Path:
+    """A local folder with the model's config.json and tokenizer files, never its weights."""
+    kind = location(spec.source)
+    if kind == "local":
+        return Path(fetch_model(spec, output, work_dir, store_factory, environment).path)
+    target = work_dir / "model-metadata"
+    if kind == "s3":
+        bucket, prefix = parse_s3_uri(spec.source)
+        store = store_factory(output.model_copy(update={"bucket": bucket}))
+        root = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+        for key in store.list_keys(root):
+            name = key[len(root) :]
+            if name and not is_weight_file(name):
+                store.download_file(key, target / name)
+    else:
+        _hub_metadata(spec, target, environment)
+    if not (target / "config.json").is_file():
+        raise ModelError(f"spec.model.source: {spec.source} holds no config.json. Point it at a model saved with save_pretrained.")
+    return target
+
+
+def _hub_metadata(spec: ModelSpec, target: Path, environment: TrainerEnvironment) -> None:
+    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub.errors import HfHubHTTPError
+
+    token = environment.hf_token or None
+    try:
+        names = list_repo_files(spec.source, revision=spec.revision, token=token)
+        for name in names:
+            if not is_weight_file(name) and "/" not in name:
+                hf_hub_download(spec.source, name, revision=spec.revision, token=token, local_dir=target, cache_dir=environment.hf_hub_cache)
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        hint = _hint(ModelFiles(spec.source, spec.revision, token))
+        raise ModelError(f"spec.model.source: cannot read {spec.source!r} from the Hugging Face hub ({_short(error)}). {hint}") from error
+
+
 def load_tokenizer(files: ModelFiles, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 

@@ -29,6 +29,7 @@ from kubetune_trainer.errors import Interrupted, TrainerError, classify
 from kubetune_trainer.local_checkpoints import TrainingState
 from kubetune_trainer.loss import LossModel
 from kubetune_trainer.metrics import TrainerMetrics, resident_memory
+from kubetune_trainer.preparation import load_prepared_data
 from kubetune_trainer.storage.publish import PublishResult, run_manifest
 from kubetune_trainer.storage.run import RunFiles
 from kubetune_trainer.storage.store import S3Store
@@ -173,7 +174,12 @@ class LoRARecipe:
     def _prepare_data(self) -> None:
         config, ctx = self.config, self.ctx
         batch_size = config.training.per_device_batch_size
-        prepared = prepare_data(config, self.tokenizer, rank=ctx.rank, world_size=ctx.world_size, store_factory=self.store_for, environment=self.environment)
+        if config.runtime.preparation.cache_uri:
+            prepared = load_prepared_data(config, self.tokenizer, self.store_for, rank=ctx.rank, world_size=ctx.world_size)
+        else:
+            prepared = prepare_data(
+                config, self.tokenizer, rank=ctx.rank, world_size=ctx.world_size, store_factory=self.store_for, environment=self.environment
+            )
         self.num_train_records = int(prepared.num_train_records)
         self.stream = prepared.train_batches(batch_size)
         self.eval_batches = None

@@ -16,7 +16,7 @@ and counted.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,11 +89,30 @@ def _row_batches(records: datasets.Dataset, fields: list[str], shown_as: str) ->
         yield start, columns[start : start + BATCH]
 
 
-def _string(value: Any, index: int, field: str) -> str:
+def _string(value: Any, index: int | str, field: str) -> str:
     if not isinstance(value, str):
         kind = "missing (null)" if value is None else f"a {type(value).__name__}"
-        raise DataError(f"record {index}: field '{field}' is {kind}, expected a string; fix or remove that record")
+        raise DataError(f"{_where(index)}: field '{field}' is {kind}, expected a string; fix or remove that record")
     return value
+
+
+def _where(index: int | str) -> str:
+    """A record's place: a file and line (or row) from validation, else its index among the loaded records."""
+    return index if isinstance(index, str) else f"record {index}"
+
+
+def check_record(record: Mapping[str, Any], spec: DatasetSpec, where: str) -> None:
+    """Raise a DataError naming ``where`` when a raw record cannot be read in the format of ``spec``."""
+    if spec.format is DatasetFormat.TEXT:
+        _string(record.get(spec.text_field), where, spec.text_field)
+    elif spec.format is DatasetFormat.INSTRUCTION:
+        fmt = spec.instruction
+        _string(record.get(fmt.prompt_field), where, fmt.prompt_field)
+        _string(record.get(fmt.response_field), where, fmt.response_field)
+        if fmt.system_field and record.get(fmt.system_field) is not None:
+            _string(record.get(fmt.system_field), where, fmt.system_field)
+    else:
+        _messages(record.get(spec.chat.messages_field), where, spec.chat.messages_field)
 
 
 def _eos(tokenizer: Any) -> list[int]:
@@ -136,18 +155,19 @@ def _instruction(rows: dict[str, list[Any]], spec: DatasetSpec, tokenizer: Any, 
     return out
 
 
-def _messages(value: Any, index: int, field: str) -> list[dict[str, str]]:
+def _messages(value: Any, index: int | str, field: str) -> list[dict[str, str]]:
     if isinstance(value, str):
         # CSV and some parquet exports keep the conversation as a JSON string.
         try:
             value = json.loads(value)
         except json.JSONDecodeError as error:
-            raise DataError(f"record {index}: field '{field}' is a string that is not a JSON list of messages ({error})") from error
+            raise DataError(f"{_where(index)}: field '{field}' is a string that is not a JSON list of messages ({error})") from error
     if not isinstance(value, list) or not value:
-        raise DataError(f"record {index}: field '{field}' must be a non-empty list of {{role, content}} messages, got {type(value).__name__}")
+        got = "nothing" if value is None else type(value).__name__
+        raise DataError(f"{_where(index)}: field '{field}' must be a non-empty list of {{role, content}} messages, got {got}")
     messages = []
     for turn, message in enumerate(value):
-        where = f"record {index}, message {turn}"
+        where = f"{_where(index)}, message {turn}"
         if not isinstance(message, dict):
             raise DataError(f"{where}: expected an object with 'role' and 'content', got {type(message).__name__}")
         role, content = message.get("role"), message.get("content")

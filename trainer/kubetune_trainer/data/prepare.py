@@ -22,6 +22,7 @@ from kubetune_trainer.data.cache import Tokenized, cache_key, cached
 from kubetune_trainer.data.errors import DataError
 from kubetune_trainer.data.formats import tokenize_records
 from kubetune_trainer.data.packing import Example, ExampleDataset
+from kubetune_trainer.data.prepared import Prepared
 from kubetune_trainer.data.sources import BucketStores, ObjectStore, load_records
 from kubetune_trainer.storage.store import S3Store
 
@@ -88,13 +89,15 @@ def prepare_data(
     store_factory: StoreFactory | None = None,
     padding_free: bool = False,
     environment: TrainerEnvironment | None = None,
+    from_file: Prepared | None = None,
 ) -> PreparedData:
     """Load, split, tokenize and pack the dataset of ``config``; every rank computes the same result.
 
     ``store_factory`` builds the S3 store for s3:// sources from spec.output with the source's
     bucket; it is called only for them, and defaults to ``S3Store.from_output`` with ``environment``'s
     credentials. Hugging Face datasets are read with its HF_TOKEN. Pass ``padding_free=True`` when
-    the model runs flash attention (see ``Collator``); it only takes effect with packing.
+    the model runs flash attention (see ``Collator``); it only takes effect with packing. ``prepared``
+    ``from_file`` (the preparation step's file, see ``prepared``) replaces loading, tokenizing and packing.
     """
     spec = config.dataset
     seed = config.training.seed
@@ -110,10 +113,15 @@ def prepare_data(
     def stores(bucket: str) -> ObjectStore:
         return factory(output.model_copy(update={"bucket": bucket}))
 
-    key = cache_key(spec, seed, tokenizer)
-    tokens = cached(work_dir / "data-cache" / f"tokenized-{key}.npz", lambda: _tokenize(spec, seed, tokenizer, work_dir, stores, environment.hf_token))
-    eval_set = None if tokens.eval is None else ExampleDataset.build(tokens.eval, packing=spec.packing, max_seq_length=spec.max_seq_length)
-    train_set = ExampleDataset.build(tokens.train, packing=spec.packing, max_seq_length=spec.max_seq_length)
+    if from_file is not None:
+        tokens = from_file.tokens
+        train_set = ExampleDataset(tokens.train, from_file.train_groups)
+        eval_set = None if tokens.eval is None or from_file.eval_groups is None else ExampleDataset(tokens.eval, from_file.eval_groups)
+    else:
+        key = cache_key(spec, seed, tokenizer)
+        tokens = cached(work_dir / "data-cache" / f"tokenized-{key}.npz", lambda: _tokenize(spec, seed, tokenizer, work_dir, stores, environment.hf_token))
+        eval_set = None if tokens.eval is None else ExampleDataset.build(tokens.eval, packing=spec.packing, max_seq_length=spec.max_seq_length)
+        train_set = ExampleDataset.build(tokens.train, packing=spec.packing, max_seq_length=spec.max_seq_length)
     prepared = PreparedData(
         train=train_set,
         eval=eval_set,
@@ -170,7 +178,9 @@ def _tokenize(spec: DatasetSpec, seed: int, tokenizer: Any, work_dir: Path, stor
 
 
 def _load(source: str, spec: DatasetSpec, split: str, work_dir: Path, stores: BucketStores, hf_token: str | None) -> datasets.Dataset:
-    return load_records(source, file_format=spec.file_format, hf_config=spec.config, hf_split=split, cache_dir=work_dir, stores=stores, hf_token=hf_token)
+    return load_records(
+        source, file_format=spec.file_format, hf_config=spec.config, hf_split=split, cache_dir=work_dir, stores=stores, hf_token=hf_token, validate=spec
+    )
 
 
 def _split(records: datasets.Dataset, ratio: float, source: str) -> tuple[datasets.Dataset, datasets.Dataset]:

@@ -16,7 +16,9 @@ from typing import Any, Protocol
 
 import datasets
 
+from kubetune_api.dataset import DatasetSpec
 from kubetune_trainer.data.errors import DataError
+from kubetune_trainer.data.validate import validate_files, validate_rows
 from kubetune_trainer.locations import local_path, location
 from kubetune_trainer.storage.paths import parse_s3_uri
 
@@ -57,8 +59,13 @@ def load_records(
     cache_dir: Path,
     stores: BucketStores | None,
     hf_token: str | None = None,
+    validate: DatasetSpec | None = None,
 ) -> datasets.Dataset:
-    """Read every record of ``source`` into a Dataset (no shuffling, no filtering)."""
+    """Read every record of ``source`` into a Dataset (no shuffling, no filtering).
+
+    With ``validate``, every record is first checked against that spec's format (``validate``), so a bad
+    one fails with its file and line before anything is loaded or tokenized.
+    """
     # Progress bars would flood the pod log with one line per refresh.
     datasets.disable_progress_bars()
     kind = location(source)
@@ -66,10 +73,13 @@ def load_records(
         if stores is None:
             raise DataError(f"dataset source {source} is on S3 but no S3 connection is configured: set spec.output (endpointUrl, credentialsSecret)")
         local = fetch_s3(source, cache_dir / "data-cache", stores)
-        return load_local(local, file_format=file_format, cache_dir=cache_dir, shown_as=source)
+        return load_local(local, file_format=file_format, cache_dir=cache_dir, shown_as=source, validate=validate)
     if kind == "local":
-        return load_local(local_path(source), file_format=file_format, cache_dir=cache_dir, shown_as=source)
-    return load_hub(source, hf_config=hf_config, split=hf_split, cache_dir=cache_dir, token=hf_token)
+        return load_local(local_path(source), file_format=file_format, cache_dir=cache_dir, shown_as=source, validate=validate)
+    loaded = load_hub(source, hf_config=hf_config, split=hf_split, cache_dir=cache_dir, token=hf_token)
+    if validate is not None:
+        validate_rows(loaded, validate, f"{source} ({hf_split})")
+    return loaded
 
 
 def local_stamp(source: str) -> list[tuple[str, int, int]]:
@@ -167,7 +177,8 @@ def _listing(files: list[Path], folder: Path) -> str:
     return ", ".join(names) + (f" and {len(files) - 10} more" if len(files) > 10 else "") if names else "none"
 
 
-def load_local(path: Path, *, file_format: str | None, cache_dir: Path, shown_as: str) -> datasets.Dataset:
+def source_files(path: Path, file_format: str | None, shown_as: str) -> tuple[list[Path], str]:
+    """The data files of a local file or folder and their format; a DataError when there are none."""
     if not path.exists():
         raise DataError(f"dataset {shown_as} does not exist: check spec.dataset.source (local paths are inside the trainer pod)")
     if path.is_dir():
@@ -176,6 +187,17 @@ def load_local(path: Path, *, file_format: str | None, cache_dir: Path, shown_as
         files, fmt = [path], infer_format(path, file_format, shown_as)
     if all(p.stat().st_size == 0 for p in files):
         raise DataError(f"dataset {shown_as} is empty (0 bytes): upload records, one JSON object per line for jsonl")
+    return files, fmt
+
+
+def load_local(path: Path, *, file_format: str | None, cache_dir: Path, shown_as: str, validate: DatasetSpec | None = None) -> datasets.Dataset:
+    files, fmt = source_files(path, file_format, shown_as)
+    if validate is not None:
+
+        def display(file: Path) -> str:
+            return shown_as if file == path else f"{shown_as.rstrip('/')}/{file.relative_to(path)}"
+
+        validate_files(files, fmt, validate, display)
     try:
         loaded = datasets.load_dataset(
             BUILDERS[fmt],
