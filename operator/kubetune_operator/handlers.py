@@ -38,8 +38,8 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
         return by_owner(namespace, labels, slim_pod(body))
 
     @kopf.index("v1", "nodes", id="gpu_nodes", registry=registry)
-    async def gpu_nodes(name: str, status: kopf.Status, **_: Any) -> dict[str, str]:
-        return gpu_resources(name, status)
+    async def gpu_nodes(name: str, status: kopf.Status, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+        return gpu_resources(name, status, labels)
 
     @kopf.on.resume(*resource, id="ensure", registry=registry)
     @kopf.on.create(*resource, id="ensure", registry=registry)

@@ -11,7 +11,9 @@ from typing import Any
 import yaml
 
 from kubetune_api.exitcodes import NON_RETRIABLE
+from kubetune_api.fit import GpuMemorySource, training_overrides
 from kubetune_api.recipe import TrainingRecipe
+from kubetune_api.result import PreparationReport
 from kubetune_api.runtime import (
     CONFIG_DIR,
     CONFIG_FILE,
@@ -20,6 +22,7 @@ from kubetune_api.runtime import (
     RENDEZVOUS_PORT,
     TERMINATION_MESSAGE_PATH,
     WORK_DIR,
+    PreparationRuntime,
     RuntimeConfig,
     TrainerConfig,
     env_name,
@@ -40,6 +43,9 @@ LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_FINETUNEJOB = "kubetune.io/finetunejob"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+LABEL_COMPONENT = "kubetune.io/component"
+COMPONENT_PREPARE = "prepare"
+PREPARE_BACKOFF_LIMIT = 2
 APP_NAME = "kubetune-trainer"
 MANAGED_BY = "kubetune"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
@@ -51,6 +57,10 @@ def config_map_name(name: str) -> str:
 
 def job_name(name: str) -> str:
     return f"{name}-trainer"
+
+
+def prepare_job_name(name: str) -> str:
+    return f"{name}-prepare"
 
 
 def service_name(name: str) -> str:
@@ -88,11 +98,23 @@ def _metadata(job: FinetuneJob, name: str, extra_labels: dict[str, str] | None =
     }
 
 
-def trainer_config(job: FinetuneJob, settings: OperatorSettings) -> TrainerConfig:
-    """The trainer's input: the spec's recipe fields plus how the operator runs it."""
+GpuMemory = tuple[int, GpuMemorySource]
+"""Bytes of one GPU and where the figure came from."""
+
+
+def trainer_config(
+    job: FinetuneJob, settings: OperatorSettings, preparation: PreparationReport | None = None, gpu_memory: GpuMemory | None = None
+) -> TrainerConfig:
+    """The trainer's input: the spec's recipe fields plus how the operator runs it.
+
+    With a preparation report the trainer loads its prepared data and, when autoFit found settings that fit, runs
+    with them. ``gpu_memory`` is what the preparation step fits to (GPU runs only)."""
     spec = job.spec
     name = job.metadata.name
     recipe = spec.model_dump(include=set(TrainingRecipe.model_fields))
+    if preparation is not None and preparation.fit is not None and preparation.fit.fits and spec.training.auto_fit:
+        recipe["training"] = {**recipe["training"], **training_overrides(preparation.fit)}
+    memory, source = gpu_memory if gpu_memory is not None and spec.resources.gpus > 0 else (None, GpuMemorySource.DEFAULT)
     runtime = RuntimeConfig(
         namespace=job.metadata.namespace,
         job_name=name,
@@ -106,13 +128,21 @@ def trainer_config(job: FinetuneJob, settings: OperatorSettings) -> TrainerConfi
         metrics_port=settings.trainer_metrics_port,
         work_dir=WORK_DIR,
         termination_message_path=TERMINATION_MESSAGE_PATH,
+        preparation=PreparationRuntime(
+            cache_uri=preparation.cache_uri if preparation is not None else None,
+            gpu_memory_bytes=memory,
+            gpu_memory_source=source,
+            headroom=settings.fit_headroom,
+        ),
     )
     return TrainerConfig.model_validate({**recipe, "runtime": runtime})
 
 
-def build_config_map(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
+def build_config_map(
+    job: FinetuneJob, settings: OperatorSettings, preparation: PreparationReport | None = None, gpu_memory: GpuMemory | None = None
+) -> Manifest:
     """ConfigMap `<name>-config` with the trainer config; it holds Secret names only, never values."""
-    text = yaml.dump(trainer_config(job, settings).to_api(), Dumper=YAML_DUMPER, sort_keys=True)
+    text = yaml.dump(trainer_config(job, settings, preparation, gpu_memory).to_api(), Dumper=YAML_DUMPER, sort_keys=True)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -176,13 +206,17 @@ def _env(job: FinetuneJob) -> list[Manifest]:
     return env
 
 
-def _resources(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
+def _resources(job: FinetuneJob, settings: OperatorSettings, prepare: bool = False) -> Manifest:
     spec = job.spec.resources
     limits: dict[str, str] = {}
-    if spec.gpus > 0:
-        limits[spec.gpu_resource_name] = str(spec.gpus)
-    cpu = spec.cpu or settings.trainer_default_cpu
-    memory = spec.memory or settings.trainer_default_memory
+    if prepare:
+        cpu = job.spec.preparation.cpu or settings.prepare_default_cpu
+        memory = job.spec.preparation.memory or settings.prepare_default_memory
+    else:
+        if spec.gpus > 0:
+            limits[spec.gpu_resource_name] = str(spec.gpus)
+        cpu = spec.cpu or settings.trainer_default_cpu
+        memory = spec.memory or settings.trainer_default_memory
     if cpu:
         limits["cpu"] = cpu
     if memory:
@@ -190,10 +224,10 @@ def _resources(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
     return {"limits": dict(limits), "requests": dict(limits)} if limits else {}
 
 
-def _tolerations(job: FinetuneJob) -> list[Manifest]:
+def _tolerations(job: FinetuneJob, prepare: bool = False) -> list[Manifest]:
     spec = job.spec.resources
     tolerations: list[Manifest] = []
-    if spec.gpus > 0:
+    if spec.gpus > 0 and not prepare:
         # GPU pools are tainted with the resource name so that only GPU workloads land there.
         tolerations.append({"key": spec.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"})
     tolerations.extend(t.to_api() for t in spec.tolerations)
@@ -221,14 +255,14 @@ def _volumes(job: FinetuneJob) -> tuple[list[Manifest], list[Manifest]]:
     return volumes, mounts
 
 
-def _container(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
+def _container(job: FinetuneJob, settings: OperatorSettings, prepare: bool = False) -> Manifest:
     _, mounts = _volumes(job)
     container: Manifest = {
         "name": CONTAINER_NAME,
         "image": job.spec.resources.image or settings.trainer_image,
         "imagePullPolicy": settings.trainer_pull_policy,
         "command": settings.trainer_command,
-        "args": ["--config", CONFIG_PATH],
+        "args": (["prepare"] if prepare else []) + ["--config", CONFIG_PATH],
         "env": _env(job),
         "ports": [{"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"}],
         "volumeMounts": mounts,
@@ -243,15 +277,15 @@ def _container(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
-    if job.spec.resources.nodes > 1:
+    if job.spec.resources.nodes > 1 and not prepare:
         container["ports"].append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
-    resources = _resources(job, settings)
+    resources = _resources(job, settings, prepare)
     if resources:
         container["resources"] = resources
     return container
 
 
-def _pod_spec(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
+def _pod_spec(job: FinetuneJob, settings: OperatorSettings, prepare: bool = False) -> Manifest:
     spec = job.spec.resources
     volumes, _ = _volumes(job)
     pod: Manifest = {
@@ -266,12 +300,12 @@ def _pod_spec(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
             "fsGroup": RUN_AS_USER,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [_container(job, settings)],
+        "containers": [_container(job, settings, prepare)],
         "volumes": volumes,
     }
     if settings.trainer_image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": name} for name in settings.trainer_image_pull_secrets]
-    tolerations = _tolerations(job)
+    tolerations = _tolerations(job, prepare)
     if tolerations:
         pod["tolerations"] = tolerations
     if spec.node_selector:
@@ -280,7 +314,11 @@ def _pod_spec(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
         pod["affinity"] = _prune(spec.affinity.to_api())
     if spec.priority_class_name:
         pod["priorityClassName"] = spec.priority_class_name
-    if spec.nodes > 1:
+    if prepare:
+        # A CPU pod: the GPU pool's node selection does not apply to it.
+        pod.pop("nodeSelector", None)
+        pod.pop("affinity", None)
+    elif spec.nodes > 1:
         pod["subdomain"] = service_name(job.metadata.name)
     return pod
 
@@ -331,6 +369,20 @@ def build_job(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(job, job_name(name), extra_labels), "spec": job_spec}
 
 
+def build_prepare_job(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
+    """batch/v1 Job `<name>-prepare`: one CPU pod (no GPU, no GPU toleration) running the trainer image in prepare mode."""
+    name = job.metadata.name
+    labels = {LABEL_COMPONENT: COMPONENT_PREPARE}
+    job_spec: Manifest = {
+        "backoffLimit": PREPARE_BACKOFF_LIMIT,
+        "podFailurePolicy": pod_failure_policy(),
+        "template": {"metadata": {"labels": {**child_labels(name), **labels}}, "spec": _pod_spec(job, settings, prepare=True)},
+    }
+    if job.spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = job.spec.active_deadline_seconds
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(job, prepare_job_name(name), labels), "spec": job_spec}
+
+
 def job_update(job: FinetuneJob, current: Manifest | None = None) -> Manifest | None:
     """Merge patch of an existing trainer Job's spec: the FinetuneJob's mutable fields (None removes one).
 
@@ -351,9 +403,17 @@ def _same(field: str, current: Any, wanted: Any) -> bool:
     return bool(current) == bool(wanted) if field == "suspend" else current == wanted
 
 
-def build_children(job: FinetuneJob, settings: OperatorSettings) -> list[Manifest]:
-    """All children in creation order: the config and Service exist before the pods need them."""
-    children = [build_config_map(job, settings)]
+def build_children(
+    job: FinetuneJob, settings: OperatorSettings, preparation: PreparationReport | None = None, gpu_memory: GpuMemory | None = None
+) -> list[Manifest]:
+    """All children in creation order: the config and Service exist before the pods need them.
+
+    A job prepared in a separate Job gets the ConfigMap and that Job first; once its report is in, the ConfigMap
+    with the prepared data and fitted settings, and the trainer Job."""
+    config_map = build_config_map(job, settings, preparation, gpu_memory)
+    if job.spec.prepares_in_job() and preparation is None:
+        return [config_map, build_prepare_job(job, settings)]
+    children = [config_map]
     service = build_service(job, settings)
     if service is not None:
         children.append(service)

@@ -14,6 +14,8 @@ import functools
 import kopf
 from pydantic import ValidationError
 
+from kubetune_api.fit import GpuMemorySource, parse_quantity
+from kubetune_api.result import PreparationReport
 from kubetune_operator import api, manifests
 from kubetune_operator.events import job_update_rejected, suspend_events, transition_events
 from kubetune_operator.kube import Kube, Rejected, SecretsForbidden
@@ -21,10 +23,17 @@ from kubetune_operator.progress import ScrapeError, TrainerSample, scrape
 from kubetune_operator.runtime import Key, Obj, Runtime, now
 from kubetune_operator.snapshots import Watched, controller_owner, finished, parse, previous_status, short_errors, slim_job
 from kubetune_operator.status import Observed, compute_status, invalid_spec_status, job_expiry, status_patch
-from kubetune_operator.verdict import rank
+from kubetune_operator.verdict import conditions_of, newest_first, preparation_report, rank
+
+MIB = 1024**2
 
 PROGRESS_READERS = 8
 """Trainers whose metrics are read at once (each read blocks a thread for up to the scrape timeout)."""
+
+
+def _complete(job: Obj) -> bool:
+    conditions = conditions_of(job)
+    return any(conditions.get(kind, {}).get("status") == "True" for kind in ("Complete", "SuccessCriteriaMet"))
 
 
 def key_of(body: Obj) -> Key:
@@ -138,7 +147,10 @@ class Reconciler:
         if secret is not None:
             self.update(key, watched, missing_secret=secret)
             raise kopf.TemporaryError(f"waiting for Secret '{secret}'", delay=self.settings.secret_retry_seconds)
-        children = manifests.build_children(ftj, self.settings)
+        preparation = self._preparation(key, ftj, watched)
+        if preparation is not None and ftj.spec.training.auto_fit and preparation.fit is not None and not preparation.fit.fits:
+            return  # DoesNotFit: the status says so, and no GPU is ever requested
+        children = manifests.build_children(ftj, self.settings, preparation, self.gpu_memory(ftj, watched))
         found = [self.kube.read(child) for child in children]
         for child, existing in zip(children, found, strict=True):
             taken = name_taken(ftj, child, existing)
@@ -149,12 +161,52 @@ class Reconciler:
             if existing is None:
                 # A new Job's watch event triggers the first status; this thread is free for the next FinetuneJob.
                 self.kube.apply(child)
+            elif child["kind"] == "Job" and child["metadata"]["name"] == manifests.prepare_job_name(ftj.metadata.name):
+                continue  # the preparation runs once; only the trainer Job follows the spec's mutable fields
             elif child["kind"] == "Job":
                 # Ours, not in the watch yet. Its pod template is immutable: only the mutable fields can follow the spec.
                 self._update_job(body, ftj, existing, existing.get("spec") or {}, suspended_before=None)
                 self.update(key, watched, job=slim_job(existing))
             else:
                 self.kube.apply(child, uid=existing["metadata"]["uid"])
+
+    def gpu_memory(self, ftj: api.FinetuneJob, watched: Watched) -> manifests.GpuMemory:
+        """Memory of one GPU: spec.resources.gpuMemory, else the smallest nvidia.com/gpu.memory label, else the default."""
+        resources = ftj.spec.resources
+        if resources.gpu_memory:
+            return parse_quantity(resources.gpu_memory), GpuMemorySource.SPEC
+        labelled = watched.gpu_memory_mib(resources.gpu_resource_name)
+        if labelled:
+            return labelled * MIB, GpuMemorySource.NODE_LABEL
+        return parse_quantity(self.settings.default_gpu_memory), GpuMemorySource.DEFAULT
+
+    def _preparation(self, key: Key, ftj: api.FinetuneJob, watched: Watched) -> PreparationReport | None:
+        """The finished preparation's report (from its pod, or the status once the pod is gone); None before."""
+        if not ftj.spec.prepares_in_job():
+            return None
+        job = watched.own_prepare_job(key, ftj.metadata.uid)
+        if job is not None and not _complete(job):
+            return None
+        report = preparation_report(newest_first(watched.pods(key, job))) if job is not None else None
+        return report or (ftj.status.preparation if ftj.status is not None else None)
+
+    def _advance(self, key: Key, watched: Watched) -> None:
+        """Create the trainer Job once the preparation Job completed with a report whose settings fit."""
+        body = watched.finetunejob(key)
+        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        try:
+            ftj = parse(body, self.runtime.written(key))
+        except ValidationError:
+            return
+        if not ftj.spec.prepares_in_job() or finished(ftj) or watched.own_job(key, ftj.metadata.uid) is not None:
+            return
+        if self._preparation(key, ftj, watched) is None:
+            return
+        try:
+            self._create(key, body, ftj, watched)
+        except kopf.TemporaryError:
+            return  # waiting for a Secret or a name: the status says which, and the next event tries again
 
     def _read_own_job(self, ftj: api.FinetuneJob) -> Obj | None:
         """The trainer Job as stored, when this FinetuneJob controls it (the watch may not show it yet)."""
@@ -217,9 +269,13 @@ class Reconciler:
         of one FinetuneJob coalesce."""
         self.runtime.watched = self.runtime.watched or watched
         if sample is None:
-            self.runtime.defer(key, functools.partial(self.update, key, watched))
+            self.runtime.defer(key, functools.partial(self._update_and_advance, key, watched))
         else:
             self.update(key, watched, sample=sample)
+
+    def _update_and_advance(self, key: Key, watched: Watched) -> None:
+        self.update(key, watched)
+        self._advance(key, watched)
 
     def update(
         self,
@@ -242,6 +298,7 @@ class Reconciler:
             except ValidationError:
                 return
             job = job or watched.own_job(key, ftj.metadata.uid)
+            prepare_job = watched.own_prepare_job(key, ftj.metadata.uid) if ftj.spec.prepares_in_job() else None
             resources = ftj.spec.resources
             observed = Observed(
                 now=now(),
@@ -251,6 +308,8 @@ class Reconciler:
                 missing_secret=missing_secret,
                 name_taken=name_taken,
                 gpu_resource_found=watched.gpu_resource_found(resources.gpu_resource_name) if resources.gpus > 0 else None,
+                prepare_job=prepare_job,
+                prepare_pods=watched.pods(key, prepare_job),
             )
             new = compute_status(ftj, observed)
             self.runtime.track(key, running=new.get("phase") == api.Phase.RUNNING)

@@ -37,6 +37,17 @@ class OperatorSettings(BaseSettings):
     )
     trainer_default_cpu: str = Field(default="", description="CPU request and limit of trainer pods whose FinetuneJob sets no spec.resources.cpu.")
     trainer_default_memory: str = Field(default="", description="Memory request and limit of trainer pods whose FinetuneJob sets no spec.resources.memory.")
+    default_gpu_memory: str = Field(
+        default="80Gi",
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",
+        description="GPU memory assumed by the memory estimate and autoFit when neither spec.resources.gpuMemory "
+        "nor a node's nvidia.com/gpu.memory label says.",
+    )
+    fit_headroom: float = Field(default=0.10, ge=0, lt=1, description="Share of the GPU memory that autoFit leaves free.")
+    prepare_default_cpu: str = Field(default="1", description="CPU request and limit of preparation pods whose FinetuneJob sets no spec.preparation.cpu.")
+    prepare_default_memory: str = Field(
+        default="4Gi", description="Memory request and limit of preparation pods whose FinetuneJob sets no spec.preparation.memory."
+    )
     trainer_image_pull_secrets: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Secrets with registry credentials for the trainer image (comma-separated in the environment)."
     )

@@ -63,10 +63,20 @@ def by_owner(namespace: str | None, labels: Mapping[str, str], slim: Obj) -> dic
     return {(namespace or "", owner): slim} if owner else None
 
 
-def gpu_resources(name: str, status: Mapping[str, Any]) -> dict[str, str]:
-    """Index entry of a node: each extended resource it offers (some amount of), to its name."""
+GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
+"""Memory of each GPU of a node in MiB, as NVIDIA's GPU feature discovery labels it."""
+
+
+def gpu_resources(name: str, status: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> dict[Any, Any]:
+    """Index entry of a node: each extended resource it offers (some amount of), to its name; and under
+    ("memory", resource) the GPU memory its nvidia.com/gpu.memory label states, in MiB."""
     allocatable = status.get("allocatable") or {}
-    return {resource: name for resource, amount in allocatable.items() if "/" in resource and str(amount) not in ("0", "")}
+    offered = [resource for resource, amount in allocatable.items() if "/" in resource and str(amount) not in ("0", "")]
+    entry: dict[Any, Any] = dict.fromkeys(offered, name)
+    memory = (labels or {}).get(GPU_MEMORY_LABEL, "")
+    if memory.isdigit():
+        entry.update({("memory", resource): int(memory) for resource in offered})
+    return entry
 
 
 class Watched:
@@ -86,9 +96,19 @@ class Watched:
     def jobs(self, key: Key) -> list[Obj]:
         return [dict(job) for job in self._values("trainer_jobs", key)]
 
-    def own_job(self, key: Key, uid: str) -> Obj | None:
-        """The trainer Job of this incarnation: a Job of a deleted namesake, still being collected, is not it."""
-        return next((job for job in self.jobs(key) if job["metadata"].get("ownerUid") == uid), None)
+    def own_job(self, key: Key, uid: str, name: str | None = None) -> Obj | None:
+        """The trainer Job (or the Job named ``name``) of this incarnation: a Job of a deleted namesake, still being
+        collected, is not it."""
+        wanted = name or manifests.job_name(key[1])
+        return next((job for job in self.jobs(key) if job["metadata"].get("ownerUid") == uid and job["metadata"].get("name") == wanted), None)
+
+    def own_prepare_job(self, key: Key, uid: str) -> Obj | None:
+        return self.own_job(key, uid, manifests.prepare_job_name(key[1]))
+
+    def gpu_memory_mib(self, resource: str) -> int | None:
+        """The smallest GPU memory the nvidia.com/gpu.memory labels of nodes offering ``resource`` state, in MiB."""
+        values: list[Any] = list(self._values("gpu_nodes", ("memory", resource)))
+        return min(int(v) for v in values) if values else None
 
     def pods(self, key: Key, job: Obj | None) -> list[Obj]:
         """The pods of ``job`` (none without one): a namesake's pods carry the same FinetuneJob label."""

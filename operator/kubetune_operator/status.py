@@ -22,7 +22,9 @@ from kubetune_operator.conditions import (
     CREATED,
     FAILED,
     GPU_RESOURCE_AVAILABLE,
+    PREPARED,
     REASON_CREATING,
+    REASON_DATA_PREPARED,
     REASON_GPU_RESOURCE_FOUND,
     REASON_GPU_RESOURCE_NOT_FOUND,
     REASON_INVALID_SPEC,
@@ -31,7 +33,18 @@ from kubetune_operator.conditions import (
     REASON_WAITING_FOR_SECRET,
 )
 from kubetune_operator.progress import TrainerSample
-from kubetune_operator.verdict import MAX_MESSAGE, Verdict, conditions_of, fill_negatives, job_phase, newest_first, termination_message
+from kubetune_operator.verdict import (
+    MAX_MESSAGE,
+    Verdict,
+    conditions_of,
+    fill_negatives,
+    job_phase,
+    newest_first,
+    preparation_report,
+    prepared_summary,
+    preparing_phase,
+    termination_message,
+)
 
 Obj = dict[str, Any]
 
@@ -48,6 +61,9 @@ class Observed:
     name_taken: str | None = None
     """Why a child cannot be created: its name is taken by an object this FinetuneJob does not own."""
     gpu_resource_found: bool | None = None
+    prepare_job: Obj | None = None
+    """The preparation Job, for FinetuneJobs prepared in a separate Job."""
+    prepare_pods: list[Obj] = field(default_factory=list)
 
 
 def _checkpoint(spec: FinetuneJob, observed: Observed, previous: FinetuneJobStatus | None) -> CheckpointRef | None:
@@ -103,7 +119,11 @@ def compute_status(spec: FinetuneJob, observed: Observed) -> Obj:
         # The finished Job was removed (ttlSecondsAfterFinished): the recorded outcome stays.
         return status_to_api(previous)
     verdict = Verdict(phase=Phase.PENDING, message="")
-    if observed.job is None:
+    preparation = preparation_report(newest_first(observed.prepare_pods)) or (previous.preparation if previous else None)
+    if observed.job is None and observed.prepare_job is not None:
+        verdict.set(CREATED, True, REASON_JOB_CREATED, f"preparation Job {manifests.prepare_job_name(spec.metadata.name)} created")
+        preparing_phase(spec, observed.prepare_job, newest_first(observed.prepare_pods), preparation, verdict)
+    elif observed.job is None:
         if observed.missing_secret:
             verdict.message = (
                 f'Secret "{observed.missing_secret}" not found in namespace {spec.metadata.namespace}: create it; the trainer Job is created once it exists'
@@ -117,6 +137,8 @@ def compute_status(spec: FinetuneJob, observed: Observed) -> Obj:
             verdict.set(CREATED, False, REASON_CREATING, verdict.message)
     else:
         verdict.set(CREATED, True, REASON_JOB_CREATED, f"trainer Job {manifests.job_name(spec.metadata.name)} created")
+        if preparation is not None:
+            verdict.set(PREPARED, True, REASON_DATA_PREPARED, prepared_summary(preparation))
         job_phase(spec, observed.job, newest_first(observed.pods), verdict)
     fill_negatives(verdict)
     if spec.spec.resources.gpus > 0 and observed.gpu_resource_found is not None:
@@ -141,6 +163,7 @@ def compute_status(spec: FinetuneJob, observed: Observed) -> Obj:
         progress=progress,
         last_checkpoint=_checkpoint(spec, observed, previous),
         result=result,
+        preparation=preparation,
         job_name=manifests.job_name(spec.metadata.name) if observed.job is not None else None,
         start_time=job_status.get("startTime"),
         completion_time=completion if verdict.phase in (Phase.SUCCEEDED, Phase.FAILED) else None,

@@ -8,16 +8,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune_api.estimate import format_bytes
 from kubetune_api.exitcodes import REASONS, ExitCode
-from kubetune_api.result import TerminationMessage
+from kubetune_api.fit import FitDecision
+from kubetune_api.result import PreparationReport, TerminationMessage
 from kubetune_operator import manifests
 from kubetune_operator.api import FinetuneJob, Phase
 from kubetune_operator.conditions import (
     FAILED,
     INPUT_REASONS,
+    PREPARED,
     REASON_BACKOFF_LIMIT_EXCEEDED,
     REASON_CREATE_CONTAINER_CONFIG_ERROR,
+    REASON_DATA_PREPARED,
     REASON_DEADLINE_EXCEEDED,
+    REASON_DOES_NOT_FIT,
     REASON_FINISHING,
     REASON_IMAGE_PULL,
     REASON_JOB_FAILED,
@@ -28,6 +33,8 @@ from kubetune_operator.conditions import (
     REASON_NOT_SUSPENDED,
     REASON_OOM_KILLED,
     REASON_POD_SCHEDULED,
+    REASON_PREPARATION_FAILED,
+    REASON_PREPARING,
     REASON_RETRYING,
     REASON_STARTING,
     REASON_SUCCEEDED,
@@ -255,3 +262,56 @@ def fill_negatives(verdict: Verdict) -> None:
         verdict.conditions[RUNNING] = (False, REASON_NOT_RUNNING, "")
     for kind, reason in defaults.items():
         verdict.conditions.setdefault(kind, (False, reason, ""))
+
+
+def preparation_report(pods: list[Obj]) -> PreparationReport | None:
+    """The report in the newest preparation pod's termination message, if any."""
+    for pod in pods:
+        message = termination_message(pod)
+        if message is not None and message.preparation is not None:
+            return message.preparation
+    return None
+
+
+def does_not_fit_message(fit: FitDecision) -> str:
+    """Why the run cannot start: the decision, the estimate per GPU part by part, and what would fit."""
+    parts = ", ".join(f"{label} {format_bytes(value)}" for label, value in fit.estimate.rows() if value)
+    return f"the run does not fit the GPU: {fit.message}. Estimate per GPU: {parts}. What would fit: {'; '.join(fit.suggestions)}"
+
+
+def preparing_phase(spec: FinetuneJob, job: Obj, pods: list[Obj], report: PreparationReport | None, verdict: Verdict) -> None:
+    """Phase and conditions while the preparation Job runs, or once it ended and the trainer Job does not exist yet."""
+    job_conditions = conditions_of(job)
+    if _true(job_conditions, "Failed") or _true(job_conditions, "FailureTarget"):
+        failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+        reason, message = _failure_reason(failed[0]) if failed else (REASON_PREPARATION_FAILED, str(job_conditions.get("Failed", {}).get("message") or ""))
+        verdict.phase, verdict.message = Phase.FAILED, f"preparation failed: {message or reason}"
+        verdict.set(PREPARED, False, reason if reason.isidentifier() else REASON_PREPARATION_FAILED, verdict.message)
+        verdict.set(FAILED, True, reason if reason.isidentifier() else REASON_PREPARATION_FAILED, verdict.message)
+        return
+    verdict.phase = Phase.PREPARING
+    if _true(job_conditions, "Complete") or _true(job_conditions, "SuccessCriteriaMet"):
+        if report is None:
+            verdict.message = "the preparation Job finished without a report; waiting for its pod's termination message"
+            verdict.set(PREPARED, False, REASON_PREPARING, verdict.message)
+        elif spec.spec.training.auto_fit and report.fit is not None and not report.fit.fits:
+            verdict.phase, verdict.message = Phase.FAILED, does_not_fit_message(report.fit)
+            verdict.set(PREPARED, False, REASON_DOES_NOT_FIT, verdict.message)
+            verdict.set(FAILED, True, REASON_DOES_NOT_FIT, verdict.message)
+        else:
+            verdict.message = f"{prepared_summary(report)}; creating the trainer Job"
+            verdict.set(PREPARED, True, REASON_DATA_PREPARED, prepared_summary(report))
+        return
+    live = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running", None)]
+    explained = next((e for e in map(_pending_reason, live) if e is not None), None)
+    verdict.message = explained[2] if explained else "validating, tokenizing and packing the data on a CPU before any GPU is requested"
+    verdict.set(PREPARED, False, explained[1] if explained else REASON_PREPARING, verdict.message)
+
+
+def prepared_summary(report: PreparationReport) -> str:
+    data = report.data
+    text = f"data prepared: {data.train_records} records, {data.tokens} tokens in {data.sequences} sequences, {data.total_steps} steps"
+    if report.fit is not None:
+        fit = report.fit
+        text += f"; micro-batch {fit.micro_batch} x {fit.gradient_accumulation_steps}, estimated {format_bytes(fit.estimate.total)} per GPU"
+    return text

@@ -116,7 +116,9 @@ def test_multi_node_job_is_indexed_with_a_headless_service_for_rendezvous() -> N
     assert not TOPOLOGY_ENV & set(env_of(job)) and "JOB_COMPLETION_INDEX" not in env_of(job)
     assert runtime.nodes == 3
     assert runtime.world_size == 24
-    assert [c["kind"] for c in manifests.build_children(ftj, SETTINGS)] == ["ConfigMap", "Service", "Job"]
+    assert [c["kind"] for c in manifests.build_children(ftj, SETTINGS)] == ["ConfigMap", "Job"]  # the preparation Job first
+    prepared = make(resources={"gpus": 8, "nodes": 3}, preparation={"mode": "InTrainer"})
+    assert [c["kind"] for c in manifests.build_children(prepared, SETTINGS)] == ["ConfigMap", "Service", "Job"]
 
 
 def test_single_node_has_no_service() -> None:
@@ -281,8 +283,10 @@ def test_a_run_started_by_hand_is_named_by_its_recipe() -> None:
 
 def test_every_child_is_owned_and_labelled() -> None:
     ftj = make(resources={"gpus": 8, "nodes": 2})
-    for child in manifests.build_children(ftj, SETTINGS):
+    in_trainer = make(resources={"gpus": 8, "nodes": 2}, preparation={"mode": "InTrainer"})
+    for child in manifests.build_children(ftj, SETTINGS) + manifests.build_children(in_trainer, SETTINGS):
         meta = child["metadata"]
+        meta["labels"].pop(manifests.LABEL_COMPONENT, None)
         assert meta["ownerReferences"] == [
             {"apiVersion": "kubetune.io/v1alpha1", "kind": "FinetuneJob", "name": "llama", "uid": "0f6c-uid", "controller": True, "blockOwnerDeletion": True}
         ]
