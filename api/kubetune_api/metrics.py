@@ -32,6 +32,8 @@ class TrainerMetric(StrEnum):
     S3_BYTES = "kubetune_trainer_s3_bytes_total"
     CHECKPOINT_SAVE_SECONDS = "kubetune_trainer_checkpoint_save_seconds"
     CHECKPOINT_UPLOAD_SECONDS = "kubetune_trainer_checkpoint_upload_seconds"
+    OOM_ADJUSTMENTS = "kubetune_trainer_oom_adjustments_total"
+    MICRO_BATCH = "kubetune_trainer_micro_batch_size"
     INFO = "kubetune_trainer_info"
     RESIDENT_MEMORY = "kubetune_trainer_resident_memory_bytes"
     GPU_MEMORY_ALLOCATED = "kubetune_trainer_gpu_memory_allocated_bytes"

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         from kubetune_trainer import preparation
 
         return int(preparation.run(config, environment))
-    from kubetune_trainer import distributed, recipe
+    from kubetune_trainer import distributed, entry
 
     topo = distributed.topology(config.runtime, environment.completion_index)
     if topo.world_size > 1 and not distributed.is_worker():
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             nproc_per_node=topo.processes_per_node,
             master=f"{topo.rendezvous_host}:{topo.rendezvous_port}",
         )
-        return distributed.launch(topo, recipe.worker, str(args.config))
-    return int(recipe.run(config, environment))
+        return distributed.launch(topo, entry.worker, str(args.config))
+    return int(entry.run(config, environment))
 
 
 if __name__ == "__main__":

@@ -123,6 +123,11 @@ class TrainerMetrics:
         self.eta = gauge(TrainerMetric.ETA, "Estimated seconds until training ends.")
         self.last_checkpoint_step = gauge(TrainerMetric.LAST_CHECKPOINT_STEP, "Step of the newest uploaded checkpoint.")
         self.tokens = Counter(TrainerMetric.TOKENS, "Trained (non-padding) tokens in this pod.", names, registry=r)
+        self.oom_adjustments = Counter(
+            TrainerMetric.OOM_ADJUSTMENTS, "Times the micro-batch was halved (accumulation doubled) after running out of GPU memory.", names, registry=r
+        )
+        self.oom_adjustments.labels(**self.labels)
+        self.micro_batch = gauge(TrainerMetric.MICRO_BATCH, "Sequences per micro-batch the loop runs now.", initial=False)
         self.retries = Counter(TrainerMetric.S3_RETRIES, "S3 requests retried.", names, registry=r)
         self.s3_bytes = Counter(TrainerMetric.S3_BYTES, "Bytes moved to or from S3.", [*names, "direction"], registry=r)
         self.save_seconds = Histogram(TrainerMetric.CHECKPOINT_SAVE_SECONDS, "Time to write a checkpoint locally.", names, registry=r, buckets=SAVE_BUCKETS)

@@ -3,12 +3,11 @@
 Runs in every training process (one per GPU, or one on CPU). Rank 0 writes checkpoints and the
 adapter; local rank 0 of each pod serves /metrics and writes the termination message. Every
 failure ends in ``errors.classify`` so the exit code and reason are the ones in exitcodes.py.
-``run`` drives one process through the recipe; ``worker`` is what the elastic launcher starts.
+``kubetune_trainer.entry`` drives one process through the recipe.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -22,10 +21,9 @@ from kubetune_api.recipe import OutputSpec, Precision
 from kubetune_api.result import CheckpointRef, SkippedCheckpoint, TerminationMessage, TrainingResult
 from kubetune_api.runtime import TrainerConfig, TrainerEnvironment
 from kubetune_trainer import distributed, export, local_checkpoints, logs, model, result, training
-from kubetune_trainer.config import read_config
 from kubetune_trainer.data.prepare import prepare_data
 from kubetune_trainer.distributed import Context
-from kubetune_trainer.errors import Interrupted, TrainerError, classify
+from kubetune_trainer.errors import Interrupted, classify
 from kubetune_trainer.local_checkpoints import TrainingState
 from kubetune_trainer.loss import LossModel
 from kubetune_trainer.metrics import TrainerMetrics, resident_memory
@@ -215,7 +213,9 @@ class LoRARecipe:
     # ---- train ----------------------------------------------------------------------------------
 
     def train(self) -> training.Outcome:
-        hooks = training.Hooks(on_log=self.on_log, on_eval=self.on_eval, on_checkpoint=self.on_checkpoint, stop_requested=self.stop)
+        hooks = training.Hooks(
+            on_log=self.on_log, on_eval=self.on_eval, on_checkpoint=self.on_checkpoint, stop_requested=self.stop, on_memory_adjustment=self.on_memory_adjustment
+        )
         outcome = training.train(
             self.model,
             self.optimizer,
@@ -264,6 +264,18 @@ class LoRARecipe:
                 tokens=p.tokens,
                 eta_seconds=round(p.eta_seconds, 1),
             )
+
+    def on_memory_adjustment(self, adjustment: training.MemoryAdjustment) -> None:
+        if self.metrics is not None:
+            self.metrics.oom_adjustments.labels(**self.metrics.labels).inc()
+            self.metrics.set(self.metrics.micro_batch, adjustment.micro_batch)
+        logs.event(
+            "out of GPU memory: micro-batch halved, accumulation doubled, step taken again",
+            level=30,
+            step=adjustment.step,
+            micro_batch=adjustment.micro_batch,
+            gradient_accumulation_steps=adjustment.accumulation,
+        )
 
     def on_eval(self, step: int, loss: float) -> None:
         if self.metrics is not None:
@@ -344,6 +356,8 @@ class LoRARecipe:
                 peak_memory_bytes=int(peak),
                 resumed_from_step=self.resumed_from_step,
                 skipped_checkpoints=self.skipped or None,
+                micro_batch=outcome.micro_batch,
+                oom_adjustments=len(outcome.adjustments),
             )
             if published is not None
             else None
@@ -368,58 +382,3 @@ class LoRARecipe:
         if self.metrics is not None:
             self.metrics.stop()
         distributed.shutdown(self.ctx)
-
-
-def serve_metrics(config: TrainerConfig, ctx: Context, environment: TrainerEnvironment) -> TrainerMetrics | None:
-    """The pod's metrics endpoint, served by local rank 0 on the pod's IP (every address when unknown)."""
-    if not ctx.is_local_main:
-        return None
-    metrics = TrainerMetrics(
-        config.runtime.namespace,
-        config.runtime.job_name,
-        ctx.node_rank,
-        {"method": config.method.value, "base_model": config.model.source, "revision": config.model.revision or ""},
-    )
-    host = environment.pod_ip or "0.0.0.0"
-    port = metrics.serve(host, config.runtime.metrics_port)
-    logs.event("metrics endpoint listening", host=host, port=port)
-    return metrics
-
-
-def run(config: TrainerConfig, environment: TrainerEnvironment | None = None) -> ExitCode:
-    """Train, publish and report in this process; returns the process exit code."""
-    started = time.monotonic()
-    environment = environment or TrainerEnvironment()
-    use_cuda = config.runtime.gpus_per_node > 0
-    if use_cuda and not torch.cuda.is_available():
-        error = TrainerError("The pod asked for GPUs but CUDA sees none; check the node's NVIDIA driver and device plugin.")
-        path = config.runtime.termination_message_path if distributed.init(False).is_local_main else None
-        return result.report_failure(error, None, path, environment)
-    ctx = distributed.init(use_cuda, environment.completion_index)
-    logs.setup(environment=environment, rank=ctx.rank, namespace=config.runtime.namespace, finetunejob=config.runtime.job_name)
-    logs.quiet_libraries()
-    stop = StopFlag()
-    stop.install()
-    metrics = serve_metrics(config, ctx, environment)
-    recipe = LoRARecipe(config, ctx, environment, metrics=metrics, stop=stop, started=started)
-    try:
-        recipe.setup()
-        if recipe.published is None:
-            recipe.save(recipe.train())
-        else:
-            recipe.report_published()
-    except BaseException as error:
-        return recipe.fail(error)
-    finally:
-        recipe.cleanup()
-    return ExitCode.SUCCESS
-
-
-def worker(config_path: str) -> None:
-    """Body of one process started by the elastic launcher; a non-zero exit code reports failure.
-
-    Spawned workers unpickle it by module and name, so it lives here and not in __main__.
-    """
-    code = run(read_config(Path(config_path)))
-    if code != ExitCode.SUCCESS:
-        sys.exit(int(code))

@@ -5,11 +5,17 @@ checkpoints, so GPUs stay busy between; token counts come from the batches on th
 several processes the SIGTERM flag is agreed every step over a gloo group on the CPU, which does
 not wait for the GPU.
 Checkpointing, publication and metrics belong to the recipe, reached through ``Hooks``.
+
+A step that runs out of GPU memory is taken again from its first sample with half the micro-batch and
+twice the accumulation (the same samples in the same order, the same effective batch), at most
+``MAX_OOM_ADJUSTMENTS`` times, in one process only (ranks of a distributed run cannot agree on it
+mid-step, so there it fails as before). ``DeviceMemory`` is where the loop meets the allocator.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import signal
 import threading
@@ -23,7 +29,7 @@ import torch
 
 from kubetune_api.recipe import Optimizer, Precision, Scheduler, TrainingSpec
 from kubetune_trainer.distributed import Context, all_reduce_sum, any_true
-from kubetune_trainer.errors import NumericError
+from kubetune_trainer.errors import OOM_ADVICE, NumericError, OutOfMemoryError
 from kubetune_trainer.local_checkpoints import TrainingState
 from kubetune_trainer.loss import LossModel
 
@@ -44,9 +50,13 @@ class BatchLike(Protocol):
 class Stream(Protocol):
     """A resumable, endless iterator of training batches for this rank."""
 
+    batch_size: int
+
     def __next__(self) -> BatchLike: ...
 
     def state_dict(self) -> dict[str, Any]: ...
+
+    def rebatch(self, state: dict[str, Any], batch_size: int) -> None: ...
 
     @property
     def epoch_progress(self) -> float: ...
@@ -83,6 +93,43 @@ class StopFlag:
         return self._event.is_set()
 
 
+MAX_OOM_ADJUSTMENTS = 4
+"""Halvings of the micro-batch a run may make before an out-of-memory error ends it."""
+
+
+class DeviceMemory:
+    """The loop's view of the device allocator: tells an out-of-memory error and gives cached memory back.
+
+    ``check`` runs before every micro-batch; the real allocator needs nothing there (CUDA raises on its own).
+    Tests pass a subclass whose ``check`` raises as a GPU of limited size would.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def check(self, micro_batch: int) -> None:
+        """Called before the forward pass of each micro-batch of ``micro_batch`` sequences."""
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        return isinstance(error, torch.OutOfMemoryError)
+
+    def release(self) -> None:
+        """Free what the failed attempt left: Python references first, then the allocator's cached blocks."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class MemoryAdjustment:
+    """One halving of the micro-batch after an out-of-memory error."""
+
+    step: int
+    """The step that ran out of memory and was taken again."""
+    micro_batch: int
+    accumulation: int
+
+
 @dataclass
 class Hooks:
     """Callbacks into the recipe; the loop knows nothing about S3 or Prometheus."""
@@ -91,6 +138,7 @@ class Hooks:
     on_eval: Callable[[int, float], None]
     on_checkpoint: Callable[[TrainingState], None]
     stop_requested: Callable[[], bool]
+    on_memory_adjustment: Callable[[MemoryAdjustment], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +147,8 @@ class Outcome:
     interrupted: bool
     final_loss: float | None
     eval_loss: float | None
+    micro_batch: int | None = None
+    adjustments: tuple[MemoryAdjustment, ...] = ()
 
 
 def total_steps(spec: TrainingSpec, batches_per_epoch: int) -> int:
@@ -199,9 +249,14 @@ def train(
     precision: Precision,
     hooks: Hooks,
     eval_batches: Callable[[], Iterator[BatchLike]] | None,
+    memory: DeviceMemory | None = None,
 ) -> Outcome:
-    """Run optimizer steps from ``state.step`` to ``steps``; stops early (after a checkpoint) on request."""
-    accumulation = spec.gradient_accumulation_steps
+    """Run optimizer steps from ``state.step`` to ``steps``; stops early (after a checkpoint) on request.
+
+    ``memory`` (the device's allocator by default) is the injection point for out-of-memory handling."""
+    memory = memory or DeviceMemory(ctx.device)
+    effective = spec.per_device_batch_size * spec.gradient_accumulation_steps
+    adjustments: list[MemoryAdjustment] = []
     scaler = torch.amp.GradScaler("cuda") if precision is Precision.FP16 and ctx.device.type == "cuda" else None
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -212,18 +267,28 @@ def train(
     final_loss: float | None = state.losses[-1][1] if state.losses else None
     eval_loss: float | None = None
     while state.step < steps:
-        for micro in range(accumulation):
-            batch = next(stream)
-            interval_tokens += batch.num_tokens
-            inputs = to_device(batch.inputs, ctx.device)
-            sync = micro == accumulation - 1
-            # DDP all-reduces gradients only on the last micro-batch of a step.
-            no_sync = model.no_sync() if ctx.distributed and not sync else contextlib.nullcontext()
-            with no_sync:
-                with autocast(precision, ctx.device):
-                    loss = forward_loss(model, inputs) / accumulation
-                (scaler.scale(loss) if scaler else loss).backward()  # type: ignore[no-untyped-call]
-            running_loss += loss.detach().float()
+        # A resumed run may go on with a micro-batch an earlier attempt had halved (the stream keeps its size).
+        accumulation = max(1, effective // stream.batch_size)
+        start = stream.state_dict()
+        out_of_memory = False
+        try:
+            step_loss, step_tokens = _micro_batches(model, stream, accumulation, ctx=ctx, precision=precision, scaler=scaler, memory=memory)
+        except BaseException as error:
+            if not memory.is_out_of_memory(error):
+                raise
+            out_of_memory = True
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if out_of_memory:
+            # Outside the except block: its traceback no longer pins the failed attempt's tensors.
+            optimizer.zero_grad(set_to_none=True)
+            memory.release()
+            adjustment = _halve(stream, start, effective, state.step + 1, len(adjustments), ctx, reason)
+            adjustments.append(adjustment)
+            if hooks.on_memory_adjustment is not None:
+                hooks.on_memory_adjustment(adjustment)
+            continue
+        running_loss += step_loss
+        interval_tokens += step_tokens
         if scaler is not None:
             scaler.unscale_(optimizer)
         if spec.max_grad_norm > 0:
@@ -277,12 +342,51 @@ def train(
             state.data = stream.state_dict()
             hooks.on_checkpoint(state)
             if stop:
-                return Outcome(state, True, final_loss, eval_loss)
+                return Outcome(state, True, final_loss, eval_loss, stream.batch_size, tuple(adjustments))
     if eval_batches is not None and (spec.eval_every is None or state.step % spec.eval_every != 0):
         eval_loss = evaluate(model, eval_batches(), ctx=ctx, precision=precision)
         hooks.on_eval(state.step, eval_loss)
     state.data = stream.state_dict()
-    return Outcome(state, False, final_loss, eval_loss)
+    return Outcome(state, False, final_loss, eval_loss, stream.batch_size, tuple(adjustments))
+
+
+def _micro_batches(
+    model: Any, stream: Stream, accumulation: int, *, ctx: Context, precision: Precision, scaler: Any, memory: DeviceMemory
+) -> tuple[torch.Tensor, int]:
+    """Forward and backward of one step's micro-batches; returns the step's loss (on the device) and its tokens."""
+    step_loss = torch.zeros((), dtype=torch.float32, device=ctx.device)
+    tokens = 0
+    for micro in range(accumulation):
+        batch = next(stream)
+        tokens += batch.num_tokens
+        memory.check(int(batch.inputs["input_ids"].shape[0]))
+        inputs = to_device(batch.inputs, ctx.device)
+        sync = micro == accumulation - 1
+        # DDP all-reduces gradients only on the last micro-batch of a step.
+        no_sync = model.no_sync() if ctx.distributed and not sync else contextlib.nullcontext()
+        with no_sync:
+            with autocast(precision, ctx.device):
+                loss = forward_loss(model, inputs) / accumulation
+            (scaler.scale(loss) if scaler else loss).backward()
+        step_loss += loss.detach().float()
+    return step_loss, tokens
+
+
+def _halve(stream: Stream, start: dict[str, Any], effective: int, step: int, done: int, ctx: Context, reason: str) -> MemoryAdjustment:
+    """Rewind ``stream`` to the step's first sample with half the micro-batch (a divisor of the effective batch)."""
+    current = stream.batch_size
+    smaller = next((size for size in range(current // 2, 0, -1) if effective % size == 0), None)
+    why = ""
+    if ctx.distributed:
+        why = "a distributed run cannot shrink its micro-batch mid-step"
+    elif done >= MAX_OOM_ADJUSTMENTS:
+        why = f"the micro-batch was already halved {done} times"
+    elif smaller is None:
+        why = f"micro-batch {current} cannot be halved again"
+    if why or smaller is None:
+        raise OutOfMemoryError(f"The GPU ran out of memory at step {step} with micro-batch {current} ({reason}); {why}. {OOM_ADVICE}")
+    stream.rebatch(start, smaller)
+    return MemoryAdjustment(step=step, micro_batch=smaller, accumulation=effective // smaller)
 
 
 def _reduce_interval(running_loss: torch.Tensor, tokens: int, steps: int, ctx: Context) -> tuple[float, int]:

@@ -150,7 +150,25 @@ class BatchStream(Iterator[Batch]):
             "seed": self.seed,
         }
 
+    def rebatch(self, state: dict[str, Any], batch_size: int) -> None:
+        """Go back to the position ``state`` (of this stream) and continue from there in batches of ``batch_size``.
+
+        The samples and their order stay the same; only how many go in one batch changes. The position must fall on
+        a boundary of the new size, which holds when ``batch_size`` divides the old one.
+        """
+        samples = int(state["batch"]) * int(state["batch_size"])
+        if samples % batch_size:
+            raise ValueError(f"position {samples} is not a multiple of the new batch size {batch_size}")
+        self.batch_size = batch_size
+        self.epoch = int(state["epoch"])
+        self.batch_index = samples // batch_size
+        self._order = None
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("batch_size")
+        if isinstance(saved, int) and saved < self.batch_size and self.batch_size % saved == 0:
+            # The run had halved its micro-batch after running out of memory: it goes on with the smaller one.
+            self.batch_size = saved
         expected = {"examples": len(self.examples), "batch_size": self.batch_size, "world_size": self.world_size, "seed": self.seed}
         found = {key: state.get(key) for key in expected}
         if found != expected:
