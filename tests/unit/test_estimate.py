@@ -19,7 +19,7 @@ GI = 1024**3
 
 
 def shape_8b() -> ModelShape:
-    return ModelShape.from_config(json.loads((FIXTURES / "llama-8b-config.json").read_text()))
+    return ModelShape.from_config(json.loads((FIXTURES / "llama-8b" / "config.json").read_text()))
 
 
 def recipe(**training: object) -> TrainingRecipe:
@@ -43,7 +43,7 @@ def test_the_8b_adapters_at_rank_16_on_every_linear_layer_have_peft_s_count() ->
 
 
 def test_a_config_without_a_dimension_names_the_missing_key() -> None:
-    config = json.loads((FIXTURES / "llama-8b-config.json").read_text())
+    config = json.loads((FIXTURES / "llama-8b" / "config.json").read_text())
     del config["intermediate_size"]
     with pytest.raises(ModelShapeError, match="intermediate_size"):
         ModelShape.from_config(config)
