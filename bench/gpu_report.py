@@ -49,11 +49,20 @@ class SyntheticStream:
     """Endless random-token batches of a fixed shape, pinned for fast host-to-device copies."""
 
     def __init__(self, batch_size: int, seq_len: int, vocab: int) -> None:
-        generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator)
-        ids = ids.pin_memory() if torch.cuda.is_available() else ids
-        self.batch = Batch({"input_ids": ids, "labels": ids}, batch_size * seq_len, batch_size * (seq_len - 1))
+        self.seq_len, self.vocab = seq_len, vocab
         self.count = 0
+        self._build(batch_size)
+
+    def _build(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, self.vocab, (batch_size, self.seq_len), generator=generator)
+        ids = ids.pin_memory() if torch.cuda.is_available() else ids
+        self.batch = Batch({"input_ids": ids, "labels": ids}, batch_size * self.seq_len, batch_size * (self.seq_len - 1))
+
+    def rebatch(self, state: dict[str, Any], batch_size: int) -> None:
+        """After an out-of-memory halving: the same random rows, fewer per batch."""
+        self._build(batch_size)
 
     def __next__(self) -> Batch:
         self.count += 1
@@ -69,6 +78,8 @@ class SyntheticStream:
 
 SHAPES: dict[str, dict[str, Any]] = {
     "8b": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8},
+    # Llama-3.2-1B's dimensions (untied head here).
+    "1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8},
     # A quick rehearsal of the whole script on a CPU.
     "tiny": {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
 }

@@ -67,7 +67,9 @@ def model_config(recipe: TrainingRecipe) -> dict[str, Any]:
     try:
         local = hf_hub_download(source, "config.json", revision=recipe.model.revision, token=os.environ.get("HF_TOKEN") or None)
     except (HfHubHTTPError, OSError, ValueError) as error:
-        raise InputError(f"spec.model.source: cannot fetch config.json of {source!r} from the Hugging Face hub ({error}); gated models need HF_TOKEN") from error
+        raise InputError(
+            f"spec.model.source: cannot fetch config.json of {source!r} from the Hugging Face hub ({error}); gated models need HF_TOKEN"
+        ) from error
     return dict(json.loads(Path(local).read_text(encoding="utf-8")))
 
 
@@ -96,7 +98,9 @@ def decide(recipe: TrainingRecipe, resources: dict[str, Any], config: dict[str, 
     else:
         memory, source = parse_quantity(DEFAULT_GPU_MEMORY), GpuMemorySource.DEFAULT
     gpus = int(resources.get("gpus", 1)) * int(resources.get("nodes", 1))
-    return fit(recipe, ModelShape.from_config(config), gpus=max(1, gpus), gpu_memory=memory, source=source, headroom=DEFAULT_HEADROOM, auto=recipe.training.auto_fit)
+    return fit(
+        recipe, ModelShape.from_config(config), gpus=max(1, gpus), gpu_memory=memory, source=source, headroom=DEFAULT_HEADROOM, auto=recipe.training.auto_fit
+    )
 
 
 def render(recipe: TrainingRecipe, decision: FitDecision, out: TextIO) -> None:
