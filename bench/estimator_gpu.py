@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,6 +32,11 @@ from kubetune_trainer.local_checkpoints import TrainingState
 from kubetune_trainer.loss import LossModel
 from kubetune_trainer.model import ModelFiles, apply_lora, load_base_model
 from kubetune_trainer.training import Hooks, build_optimizer, build_scheduler, train
+
+# Run as a script, only bench/ itself is on the path; its sibling modules are imported as the bench package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.gpu_report import SyntheticStream, build_random_llama
 
 GIB = 1024**3
 R = 16
@@ -88,8 +94,6 @@ def estimated(case: Case, shape: ModelShape) -> tuple[int, int]:
 
 def measure(case: Case, model_dir: Path, steps: int, device: str) -> int | None:
     """Peak allocated bytes of ``steps`` training steps of ``case`` (None on a CPU)."""
-    from gpu_report import SyntheticStream
-
     cuda = device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -132,8 +136,6 @@ def measure(case: Case, model_dir: Path, steps: int, device: str) -> int | None:
 
 
 def run(cases: list[Case], steps: int, work: Path, device: str) -> list[dict[str, Any]]:
-    from gpu_report import build_random_llama
-
     results: list[dict[str, Any]] = []
     built: dict[str, Path] = {}
     for case in cases:
