@@ -71,6 +71,9 @@ class RuntimeConfig(ApiModel):
     work_dir: str = Field(default=WORK_DIR, description="Scratch directory for caches and local checkpoints.")
     termination_message_path: str = Field(default=TERMINATION_MESSAGE_PATH, description="File that receives the JSON result.")
     preparation: PreparationRuntime = Field(default_factory=PreparationRuntime, description="Prepared data and the GPU size to fit.")
+    model_cache_dir: str | None = Field(
+        default=None, description="Mount point of spec.model.cacheVolumeClaim: s3:// models are cached there by content, hub models under hub/."
+    )
 
     @property
     def processes_per_node(self) -> int:

@@ -128,6 +128,7 @@ def trainer_config(
         metrics_port=settings.trainer_metrics_port,
         work_dir=WORK_DIR,
         termination_message_path=TERMINATION_MESSAGE_PATH,
+        model_cache_dir=MODELS_DIR if spec.model.cache_volume_claim else None,
         preparation=PreparationRuntime(
             cache_uri=preparation.cache_uri if preparation is not None else None,
             gpu_memory_bytes=memory,

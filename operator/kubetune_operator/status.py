@@ -119,7 +119,9 @@ def compute_status(spec: FinetuneJob, observed: Observed) -> Obj:
         # The finished Job was removed (ttlSecondsAfterFinished): the recorded outcome stays.
         return status_to_api(previous)
     verdict = Verdict(phase=Phase.PENDING, message="")
-    preparation = preparation_report(newest_first(observed.prepare_pods)) or (previous.preparation if previous else None)
+    # A CPU run prepares inside the trainer, whose termination message then carries the report.
+    preparation = preparation_report(newest_first(observed.prepare_pods)) or preparation_report(newest_first(observed.pods))
+    preparation = preparation or (previous.preparation if previous else None)
     if observed.job is None and observed.prepare_job is not None:
         verdict.set(CREATED, True, REASON_JOB_CREATED, f"preparation Job {manifests.prepare_job_name(spec.metadata.name)} created")
         preparing_phase(spec, observed.prepare_job, newest_first(observed.prepare_pods), preparation, verdict)

@@ -112,6 +112,9 @@ def test_the_trainer_trains_from_the_prepared_file_and_refuses_another_tokenizer
     loaded = [e for e in run.events if str(e.get("msg", "")).startswith("prepared data loaded")]
     assert loaded and loaded[0]["seconds"] >= 0
     assert not any(e.get("msg") == "dataset tokenized" for e in run.events)
+    manifest = _store(s3_server, s3_bucket).get_json("runs/team-a/tiny/adapter/manifest.json")
+    assert manifest["dataset"]["contentSha256"] == message.preparation.data.dataset_sha256
+    assert len(manifest["baseModel"]["resolvedRevision"]) == 32
 
     other = other_tokenizer(tiny_model_dir, tmp_path / "other")
     refused = run_trainer(
@@ -119,6 +122,18 @@ def test_the_trainer_trains_from_the_prepared_file_and_refuses_another_tokenizer
     )
     assert refused.returncode == 11 and refused.termination is not None
     assert "another tokenizer" in refused.termination["message"]
+
+
+def test_a_cpu_run_prepares_in_the_trainer_and_reports_it(
+    tiny_model_dir: Path, memorise_jsonl: Path, s3_server: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    config = trainer_config(tiny_model_dir, memorise_jsonl, s3_bucket, s3_server.endpoint_url, tmp_path, training={"maxSteps": 4})
+    run = run_trainer(config, trainer_env(s3_server), tmp_path)
+    assert run.returncode == 0 and run.termination is not None, run.stderr[-3000:]
+    message = TerminationMessage.model_validate(run.termination)
+    assert message.preparation is not None and message.preparation.data.train_records == 24 and message.preparation.fit is None
+    manifest = _store(s3_server, s3_bucket).get_json("runs/team-a/tiny/adapter/manifest.json")
+    assert manifest["dataReport"]["trainRecords"] == 24 and manifest["dataset"]["contentSha256"] == message.preparation.data.dataset_sha256
 
 
 @pytest.mark.parametrize(

@@ -127,10 +127,25 @@ class ModelFiles:
     token: str | None
     cache_dir: str | None = None
     """Download cache of hub models (HF_HUB_CACHE, set when the model cache volume is mounted); None uses HF_HOME's."""
+    resolved: str | None = None
+    """What the files are exactly: the S3 objects' content digest, or a local model's config and index digest
+    (a hub model's commit is known once loaded: config._commit_hash)."""
 
 
-def fetch_model(spec: ModelSpec, output: OutputSpec, work_dir: Path, store_factory: StoreFactory, environment: TrainerEnvironment | None = None) -> ModelFiles:
-    """Make the model readable by from_pretrained: check a local path, download an s3:// prefix."""
+def fetch_model(
+    spec: ModelSpec,
+    output: OutputSpec,
+    work_dir: Path,
+    store_factory: StoreFactory,
+    environment: TrainerEnvironment | None = None,
+    cache_dir: Path | None = None,
+) -> ModelFiles:
+    """Make the model readable by from_pretrained: check a local path, download an s3:// prefix.
+
+    With ``cache_dir`` (the model-cache volume) an s3:// model is read from there when its objects are
+    unchanged, and downloaded there once otherwise (``model_cache``)."""
+    from kubetune_trainer.model_cache import cached_s3_model, local_revision
+
     environment = environment or TrainerEnvironment()
     kind = location(spec.source)
     if kind == "local":
@@ -140,15 +155,19 @@ def fetch_model(spec: ModelSpec, output: OutputSpec, work_dir: Path, store_facto
                 f"spec.model.source: no model at {path} (config.json missing). Point it at a folder saved with "
                 "save_pretrained, check the volume mount (cacheVolumeClaim), or use a Hugging Face id or s3:// prefix."
             )
-        return ModelFiles(str(path), None, None)
+        return ModelFiles(str(path), None, None, resolved=local_revision(path))
     if kind == "s3":
         bucket, prefix = parse_s3_uri(spec.source)
         store = store_factory(output.model_copy(update={"bucket": bucket}))
-        target = work_dir / "models" / bucket / prefix.strip("/")
-        store.download_prefix(prefix.rstrip("/"), target)
+        if cache_dir is not None:
+            target, digest = cached_s3_model(spec.source, store, prefix, cache_dir / "s3")
+        else:
+            target = work_dir / "models" / bucket / prefix.strip("/")
+            store.download_prefix(prefix.rstrip("/"), target)
+            digest = None
         if not (target / "config.json").is_file():
             raise ModelError(f"spec.model.source: {spec.source} holds no config.json. Upload a folder saved with save_pretrained to that prefix.")
-        return ModelFiles(str(target), None, None)
+        return ModelFiles(str(target), None, None, resolved=digest or local_revision(target))
     # The operator points HF_HUB_CACHE at the cache volume when there is one, and HF_HOME at scratch.
     return ModelFiles(spec.source, spec.revision, environment.hf_token or None, environment.hf_hub_cache or None)
 

@@ -119,7 +119,7 @@ class Preparation:
             logs.event("prepared data reused", uri=self.store.uri(object_key), key=key)
         else:
             data = prepare_data(config, tokenizer, world_size=config.runtime.world_size, store_factory=self.store_for, environment=self.environment)
-            write_prepared(local, as_prepared(data, fingerprint, key))
+            write_prepared(local, as_prepared(data, fingerprint, key, digest))
             self.store.upload_file(local, object_key)
             logs.event("prepared data written", uri=self.store.uri(object_key), key=key, size_bytes=local.stat().st_size)
         decision = fit_for(config, shape, int(data.train.records.lengths.max()))
@@ -137,14 +137,15 @@ class Preparation:
         return report
 
 
-def as_prepared(data: PreparedData, tokenizer: str, key: str) -> Prepared:
+def as_prepared(data: PreparedData, tokenizer: str, key: str, dataset_sha: str) -> Prepared:
     """The prepared file of data tokenized and packed in this process."""
     tokens = Tokenized(data.train.records, None if data.eval is None else data.eval.records, data.truncated_records, data.dropped_records)
-    return Prepared(tokens, data.train.groups, None if data.eval is None else data.eval.groups, tokenizer, key)
+    return Prepared(tokens, data.train.groups, None if data.eval is None else data.eval.groups, tokenizer, key, dataset_sha)
 
 
-def load_prepared_data(config: TrainerConfig, tokenizer: Any, store_for: Any, *, rank: int, world_size: int) -> PreparedData:
-    """The trainer's side: the preparation step's file instead of tokenizing; the log says how long loading took."""
+def load_prepared_data(config: TrainerConfig, tokenizer: Any, store_for: Any, *, rank: int, world_size: int) -> tuple[PreparedData, str]:
+    """The trainer's side: the preparation step's file instead of tokenizing (the log says how long loading took),
+    and the dataset's content digest it was made from."""
     uri = config.runtime.preparation.cache_uri
     assert uri is not None
     began = time.monotonic()
@@ -155,7 +156,21 @@ def load_prepared_data(config: TrainerConfig, tokenizer: Any, store_for: Any, *,
     prepared = read_prepared(local, tokenizer_fingerprint(tokenizer), uri)
     data = prepare_data(config, tokenizer, rank=rank, world_size=world_size, from_file=prepared)
     logs.event("prepared data loaded; no tokenization in this pod", uri=uri, seconds=round(time.monotonic() - began, 3), sequences=len(data.train))
-    return data
+    return data, prepared.dataset_sha256
+
+
+def in_trainer_report(config: TrainerConfig, data: PreparedData, environment: TrainerEnvironment, store_for: Any) -> PreparationReport:
+    """The report of data prepared inside the trainer (CPU runs): the same figures, the local cache as its place."""
+
+    def stores(bucket: str) -> S3Store:
+        store: S3Store = store_for(config.output.model_copy(update={"bucket": bucket}))
+        return store
+
+    work_dir = Path(config.runtime.work_dir)
+    digest = dataset_sha256(config.dataset, work_dir, stores, environment.hf_token)
+    training = config.training
+    report = data_report(data, config, digest, micro_batch=training.per_device_batch_size, accumulation=training.gradient_accumulation_steps)
+    return PreparationReport(data=report, cache_uri=str(work_dir / "data-cache"), cache_key=digest[:24])
 
 
 def run(config: TrainerConfig, environment: TrainerEnvironment | None = None) -> ExitCode:

@@ -18,7 +18,7 @@ import torch
 from kubetune_api import layout
 from kubetune_api.exitcodes import ExitCode
 from kubetune_api.recipe import OutputSpec, Precision
-from kubetune_api.result import CheckpointRef, SkippedCheckpoint, TerminationMessage, TrainingResult
+from kubetune_api.result import CheckpointRef, PreparationReport, SkippedCheckpoint, TerminationMessage, TrainingResult
 from kubetune_api.runtime import TrainerConfig, TrainerEnvironment
 from kubetune_trainer import distributed, export, local_checkpoints, logs, model, result, training
 from kubetune_trainer.data.prepare import prepare_data
@@ -27,7 +27,7 @@ from kubetune_trainer.errors import Interrupted, classify
 from kubetune_trainer.local_checkpoints import TrainingState
 from kubetune_trainer.loss import LossModel
 from kubetune_trainer.metrics import TrainerMetrics, resident_memory
-from kubetune_trainer.preparation import load_prepared_data
+from kubetune_trainer.preparation import in_trainer_report, load_prepared_data
 from kubetune_trainer.storage.publish import PublishResult, run_manifest
 from kubetune_trainer.storage.run import RunFiles
 from kubetune_trainer.storage.store import S3Store
@@ -71,6 +71,8 @@ class LoRARecipe:
         self.resumed_from_step: int | None = None
         self.skipped: list[SkippedCheckpoint] = []
         self.published: TrainingResult | None = None
+        self.preparation: PreparationReport | None = None
+        self.dataset_sha256: str | None = None
         self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
         self._pending_upload: Future[CheckpointRef] | None = None
         # Bound by setup(), not here: that is where a run can first fail, and a failure is reported through this object.
@@ -102,10 +104,11 @@ class LoRARecipe:
             logs.event("adapter already published by this run", uri=self.published.adapter_uri)
             return
         found = self._fetch_checkpoint()
-        files = model.fetch_model(config.model, config.output, self.work_dir, self.store_for, self.environment) if ctx.is_local_main else None
+        cache = Path(config.runtime.model_cache_dir) if config.runtime.model_cache_dir else None
+        files = model.fetch_model(config.model, config.output, self.work_dir, self.store_for, self.environment, cache) if ctx.is_local_main else None
         distributed.barrier(ctx)
         if files is None:
-            files = model.fetch_model(config.model, config.output, self.work_dir, self.store_for, self.environment)
+            files = model.fetch_model(config.model, config.output, self.work_dir, self.store_for, self.environment, cache)
         self.files = files
         self.tokenizer = model.load_tokenizer(files, config.model.trust_remote_code)
         self.peft_model = self._load_model()
@@ -173,11 +176,16 @@ class LoRARecipe:
         config, ctx = self.config, self.ctx
         batch_size = config.training.per_device_batch_size
         if config.runtime.preparation.cache_uri:
-            prepared = load_prepared_data(config, self.tokenizer, self.store_for, rank=ctx.rank, world_size=ctx.world_size)
+            prepared, self.dataset_sha256 = load_prepared_data(config, self.tokenizer, self.store_for, rank=ctx.rank, world_size=ctx.world_size)
         else:
             prepared = prepare_data(
                 config, self.tokenizer, rank=ctx.rank, world_size=ctx.world_size, store_factory=self.store_for, environment=self.environment
             )
+            if ctx.is_local_main:
+                # Prepared here (a CPU run): the same report the preparation Job gives, in this pod's termination message.
+                self.preparation = in_trainer_report(config, prepared, self.environment, self.store_for)
+                self.dataset_sha256 = self.preparation.data.dataset_sha256
+                logs.event("data report", **self.preparation.data.to_api())
         self.num_train_records = int(prepared.num_train_records)
         self.stream = prepared.train_batches(batch_size)
         self.eval_batches = None
@@ -332,6 +340,11 @@ class LoRARecipe:
         export.save_adapter(self.peft_model, self.tokenizer, adapter_dir)
         state = outcome.state
         manifest = run_manifest(config, steps=state.step, tokens=state.tokens, final_loss=outcome.final_loss, eval_loss=outcome.eval_loss, losses=state.losses)
+        # Provenance: exactly which base model and data went in (the data cache key covers the dataset digest).
+        manifest["baseModel"]["resolvedRevision"] = self.files.resolved or getattr(getattr(self.peft_model, "config", None), "_commit_hash", None)
+        manifest["dataset"]["contentSha256"] = self.dataset_sha256
+        if self.preparation is not None:
+            manifest["dataReport"] = self.preparation.data.to_api()
         merged_dir = self.output_dir / layout.MERGED_FOLDER if config.output.merged_model else None
         if merged_dir is not None:
             export.save_merged(self.files, adapter_dir, merged_dir, config)
@@ -362,7 +375,8 @@ class LoRARecipe:
             if published is not None
             else None
         )
-        result.report_success(TerminationMessage.succeeded(trained, self.last_checkpoint), self.config.runtime.termination_message_path)
+        message = TerminationMessage.succeeded(trained, self.last_checkpoint).model_copy(update={"preparation": self.preparation})
+        result.report_success(message, self.config.runtime.termination_message_path)
 
     def report_published(self) -> None:
         """Report the result an earlier attempt of this run published (found by ``setup``), without training."""

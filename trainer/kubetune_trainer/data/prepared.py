@@ -41,6 +41,7 @@ class Prepared:
     eval_groups: Groups | None
     tokenizer: str
     key: str
+    dataset_sha256: str = ""
 
 
 def prepared_key(spec: DatasetSpec, seed: int, tokenizer: str, dataset_sha256: str) -> str:
@@ -108,7 +109,7 @@ def write_prepared(path: Path, prepared: Prepared) -> None:
         "train_mask": tokens.train.loss_mask,
         "train_offsets": tokens.train.offsets,
         "stats": np.array([tokens.truncated_records, tokens.dropped_records], dtype=np.int64),
-        "meta": np.array([json.dumps({"version": PREPARED_VERSION, "tokenizer": prepared.tokenizer, "key": prepared.key})]),
+        "meta": np.array([json.dumps({"version": PREPARED_VERSION, "tokenizer": prepared.tokenizer, "key": prepared.key, "dataset": prepared.dataset_sha256})]),
     }
     arrays["train_groups"], arrays["train_group_offsets"] = _flat(prepared.train_groups)
     if tokens.eval is not None and prepared.eval_groups is not None:
@@ -136,4 +137,5 @@ def read_prepared(path: Path, tokenizer: str, shown_as: str) -> Prepared:
         truncated, dropped = (int(x) for x in data["stats"])
         train_groups = _groups(data["train_groups"], data["train_group_offsets"])
         eval_groups = _groups(data["eval_groups"], data["eval_group_offsets"]) if "eval_groups" in data else None
-    return Prepared(Tokenized(train, evaluation, truncated, dropped), train_groups, eval_groups, str(meta["tokenizer"]), str(meta["key"]))
+    tokens = Tokenized(train, evaluation, truncated, dropped)
+    return Prepared(tokens, train_groups, eval_groups, str(meta["tokenizer"]), str(meta["key"]), str(meta.get("dataset", "")))

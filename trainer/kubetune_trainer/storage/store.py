@@ -49,6 +49,7 @@ class ObjectInfo:
     key: str
     size: int
     sha256: str | None = None
+    etag: str | None = None
 
 
 class S3Store:
@@ -351,7 +352,7 @@ class S3Store:
         def call() -> list[ObjectInfo]:
             found: list[ObjectInfo] = []
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-                found.extend(ObjectInfo(key=item["Key"], size=int(item["Size"])) for item in page.get("Contents", []))
+                found.extend(ObjectInfo(key=item["Key"], size=int(item["Size"]), etag=item.get("ETag")) for item in page.get("Contents", []))
             return sorted(found, key=lambda info: info.key)
 
         return self._retrying("LIST", prefix, call)
