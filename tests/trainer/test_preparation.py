@@ -112,7 +112,7 @@ def test_the_trainer_trains_from_the_prepared_file_and_refuses_another_tokenizer
     loaded = [e for e in run.events if str(e.get("msg", "")).startswith("prepared data loaded")]
     assert loaded and loaded[0]["seconds"] >= 0
     assert not any(e.get("msg") == "dataset tokenized" for e in run.events)
-    manifest = _store(s3_server, s3_bucket).get_json("runs/team-a/tiny/adapter/manifest.json")
+    manifest: Any = _store(s3_server, s3_bucket).get_json("runs/team-a/tiny/adapter/manifest.json")
     assert manifest["dataset"]["contentSha256"] == message.preparation.data.dataset_sha256
     assert len(manifest["baseModel"]["resolvedRevision"]) == 32
 
@@ -132,7 +132,7 @@ def test_a_cpu_run_prepares_in_the_trainer_and_reports_it(
     assert run.returncode == 0 and run.termination is not None, run.stderr[-3000:]
     message = TerminationMessage.model_validate(run.termination)
     assert message.preparation is not None and message.preparation.data.train_records == 24 and message.preparation.fit is None
-    manifest = _store(s3_server, s3_bucket).get_json("runs/team-a/tiny/adapter/manifest.json")
+    manifest: Any = _store(s3_server, s3_bucket).get_json("runs/team-a/tiny/adapter/manifest.json")
     assert manifest["dataReport"]["trainRecords"] == 24 and manifest["dataset"]["contentSha256"] == message.preparation.data.dataset_sha256
 
 
