@@ -125,8 +125,9 @@ def test_gpu_job_runs_on_a_fake_gpu_node(stack: Stack) -> None:
     body = stack.example("tiny-cpu-lora.yaml", resources={"gpus": 2, "cpu": None, "memory": None})
     body["metadata"]["name"] = "on-gpus"
     stack.apply(body)
-    stack.wait_for(lambda: any(p["spec"].get("nodeName", "").startswith("gpu-node") for p in trainer_pods(stack, "on-gpus")), 120, "a pod on a GPU node")
-    pod = trainer_pods(stack, "on-gpus")[0]
+    # The CPU-only preparation Job runs first.
+    stack.wait_for(lambda: any(p["spec"].get("nodeName", "").startswith("gpu-node") for p in trainer_pods(stack, "on-gpus")), 420, "a pod on a GPU node")
+    pod = next(p for p in trainer_pods(stack, "on-gpus") if p["spec"].get("nodeName", "").startswith("gpu-node"))
     assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     status = stack.wait_for_phase("on-gpus", {"Succeeded", "Failed"}, timeout=180)["status"]
     assert status["phase"] == "Succeeded", status
@@ -142,7 +143,7 @@ def test_too_many_gpus_reports_unschedulable(stack: Stack) -> None:
             scheduled = condition(stack.finetunejob("too-many-gpus").get("status", {}), "Scheduled")
             return scheduled is not None and scheduled["reason"] == "Unschedulable"
 
-        stack.wait_for(unschedulable, 120, "an Unschedulable condition")
+        stack.wait_for(unschedulable, 420, "an Unschedulable condition (after the preparation Job)")
         scheduled = condition(stack.finetunejob("too-many-gpus")["status"], "Scheduled")
         assert scheduled is not None and "Insufficient nvidia.com/gpu" in scheduled["message"]
     finally:

@@ -25,7 +25,7 @@ CREDENTIALS = {"bucket": "adapters", "credentialsSecret": {"name": "s3-creds"}}
 
 
 def test_a_new_finetunejob_gets_its_children_by_server_side_apply(harness: Harness) -> None:
-    created = harness.created("fresh", resources={"gpus": 1, "nodes": 2})
+    created = harness.created("fresh", resources={"gpus": 1, "nodes": 2}, preparation={"mode": "InTrainer"})
     uid = created["metadata"]["uid"]
     for kind, name in (("ConfigMap", "fresh-config"), ("Service", "fresh-trainer"), ("Job", "fresh-trainer")):
         child = harness.read(kind, name)

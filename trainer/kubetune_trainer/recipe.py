@@ -72,6 +72,8 @@ class LoRARecipe:
         self.skipped: list[SkippedCheckpoint] = []
         self.published: TrainingResult | None = None
         self.preparation: PreparationReport | None = None
+        self.tokenized = True
+        self.data_seconds: float | None = None
         self.dataset_sha256: str | None = None
         self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
         self._pending_upload: Future[CheckpointRef] | None = None
@@ -175,6 +177,8 @@ class LoRARecipe:
     def _prepare_data(self) -> None:
         config, ctx = self.config, self.ctx
         batch_size = config.training.per_device_batch_size
+        began = time.monotonic()
+        self.tokenized = not config.runtime.preparation.cache_uri
         if config.runtime.preparation.cache_uri:
             prepared, self.dataset_sha256 = load_prepared_data(config, self.tokenizer, self.store_for, rank=ctx.rank, world_size=ctx.world_size)
         else:
@@ -186,6 +190,7 @@ class LoRARecipe:
                 self.preparation = in_trainer_report(config, prepared, self.environment, self.store_for)
                 self.dataset_sha256 = self.preparation.data.dataset_sha256
                 logs.event("data report", **self.preparation.data.to_api())
+        self.data_seconds = round(time.monotonic() - began, 3)
         self.num_train_records = int(prepared.num_train_records)
         self.stream = prepared.train_batches(batch_size)
         self.eval_batches = None
@@ -369,6 +374,8 @@ class LoRARecipe:
                 peak_memory_bytes=int(peak),
                 resumed_from_step=self.resumed_from_step,
                 skipped_checkpoints=self.skipped or None,
+                tokenized_in_trainer=self.tokenized,
+                data_seconds=self.data_seconds,
                 micro_batch=outcome.micro_batch,
                 oom_adjustments=len(outcome.adjustments),
             )
