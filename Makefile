@@ -67,9 +67,10 @@ cluster-up: setup tools ## Start the local cluster (kubeconfig in .cache/cluster
 cluster-down: setup ## Stop the local cluster.
 	$(BIN)/python -m localcluster down --workdir .cache/cluster
 
-bench: setup ## Benchmarks: trainer throughput against peers, operator latency and memory.
+bench: setup ## Benchmarks: trainer throughput against peers, operator latency and memory, the preparation phase.
 	$(BIN)/python bench/trainer_throughput.py
 	$(BIN)/python bench/operator_latency.py
+	$(BIN)/python bench/preparation_latency.py
 
 images: ## Build the operator and trainer images (needs Docker).
 	docker build -f operator/Dockerfile -t kubetune/operator:dev .
