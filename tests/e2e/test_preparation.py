@@ -23,6 +23,16 @@ def job_names(stack: Stack, name: str) -> set[str]:
     return {job["metadata"]["name"] for job in trainer_jobs(stack, name)}
 
 
+def failed_before_training(stack: Stack, name: str, reason: str) -> tuple[dict[str, Any], str]:
+    """The status and Failed message of a FinetuneJob that must fail in its preparation, with no trainer Job made."""
+    status = stack.wait_for_phase(name, {"Succeeded", "Failed"}, timeout=PREPARE_TIMEOUT)["status"]
+    assert status["phase"] == "Failed", status
+    failed = condition(status, "Failed")
+    assert failed is not None and failed["reason"] == reason, status
+    assert job_names(stack, name) == {f"{name}-prepare"}
+    return status, str(failed["message"])
+
+
 def test_a_gpu_job_prepares_on_the_cpu_node_then_trains_on_a_gpu_node(stack: Stack) -> None:
     if not stack.local:
         pytest.skip("needs the local cluster's fake GPU nodes")
@@ -53,25 +63,17 @@ def test_a_bad_dataset_line_fails_in_preparing_and_no_trainer_job_is_made(stack:
     body = stack.example("tiny-cpu-lora.yaml", resources={"gpus": 1, "cpu": None, "memory": None}, dataset={"source": f"s3://{DEMO_BUCKET}/datasets/bad.jsonl"})
     body["metadata"]["name"] = "bad-line"
     stack.apply(body)
-    status = stack.wait_for_phase("bad-line", {"Succeeded", "Failed"}, timeout=PREPARE_TIMEOUT)["status"]
-    assert status["phase"] == "Failed", status
-    failed = condition(status, "Failed")
-    assert failed is not None and failed["reason"] == "DataError"
-    assert f"s3://{DEMO_BUCKET}/datasets/bad.jsonl line 3: field 'text' is missing" in failed["message"]
-    assert job_names(stack, "bad-line") == {"bad-line-prepare"}
+    _, message = failed_before_training(stack, "bad-line", "DataError")
+    assert f"s3://{DEMO_BUCKET}/datasets/bad.jsonl line 3: field 'text' is missing" in message
 
 
 def test_an_auto_fit_job_that_cannot_fit_ends_does_not_fit(stack: Stack) -> None:
     body = stack.example("tiny-cpu-lora.yaml", resources={"gpus": 1, "cpu": None, "memory": None, "gpuMemory": "256Mi"}, training={"autoFit": True})
     body["metadata"]["name"] = "does-not-fit"
     stack.apply(body)
-    status = stack.wait_for_phase("does-not-fit", {"Succeeded", "Failed"}, timeout=PREPARE_TIMEOUT)["status"]
-    assert status["phase"] == "Failed", status
-    failed = condition(status, "Failed")
-    assert failed is not None and failed["reason"] == "DoesNotFit"
-    assert "Estimate per GPU:" in failed["message"] and "What would fit:" in failed["message"]
+    status, message = failed_before_training(stack, "does-not-fit", "DoesNotFit")
+    assert "Estimate per GPU:" in message and "What would fit:" in message
     assert status["preparation"]["fit"]["fits"] is False
-    assert job_names(stack, "does-not-fit") == {"does-not-fit-prepare"}
 
 
 def test_a_cpu_job_with_the_separate_phase_trains_from_the_prepared_data(stack: Stack) -> None:

@@ -8,27 +8,15 @@ import pytest
 import yaml
 from kubernetes import client
 
-from kubetune_api.result import DataReport, LengthQuantiles, PreparationReport, TerminationMessage
+from kubetune_api.result import TerminationMessage
 from kubetune_api.runtime import TrainerConfig
 from kubetune_operator import manifests
 from tests.integration.harness import NAMESPACE, NOW, Harness, decoded
+from tests.support.reports import data_report, preparation_report
 
 pytestmark = pytest.mark.integration
 
-REPORT = PreparationReport(
-    data=DataReport(
-        train_records=16,
-        tokens=400,
-        sequences=4,
-        packing_efficiency=0.8,
-        steps_per_epoch=1,
-        total_steps=5,
-        lengths=LengthQuantiles(p50=25, p90=30, p99=31, max=31),
-        dataset_sha256="cd" * 32,
-    ),
-    cache_uri="s3://adapters/runs/team-a/prep/prepared/abc.npz",
-    cache_key="abc",
-)
+REPORT = preparation_report(data=data_report(train_records=16), cache_uri="s3://adapters/runs/team-a/prep/prepared/abc.npz", cache_key="abc")
 
 
 def finish_preparation(harness: Harness, name: str, message: TerminationMessage) -> None:

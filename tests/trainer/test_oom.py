@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from kubetune_api.recipe import Precision
 from kubetune_api.runtime import TrainerConfig
 from kubetune_trainer.training import DeviceMemory, MemoryAdjustment, Outcome
 from tests.trainer.conftest import trainer_config
+from tests.trainer.inprocess import train_in_process
 
 pytestmark = [pytest.mark.trainer, pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -43,45 +43,8 @@ class LimitedDevice(DeviceMemory):
 
 def train(config: TrainerConfig, memory: DeviceMemory | None) -> tuple[Outcome, list[tuple[int, float]], list[MemoryAdjustment], dict[str, Any]]:
     """Set up as the recipe does (same seed, same data) and run the loop with ``memory`` as the allocator."""
-    from kubetune_trainer import distributed, model, training
-    from kubetune_trainer.data.prepare import prepare_data
-    from kubetune_trainer.local_checkpoints import TrainingState
-    from kubetune_trainer.loss import LossModel
-
-    torch.manual_seed(0)
-    ctx = distributed.init(False)
-    files = model.fetch_model(config.model, config.output, Path(config.runtime.work_dir), store_factory=None)  # type: ignore[arg-type]
-    tokenizer = model.load_tokenizer(files, False)
-    base = model.load_base_model(files, dtype_name="float32", quantization=None, device="cpu", trust_remote_code=False)
-    peft_model = model.apply_lora(base, config.lora, gradient_checkpointing=False)
-    stream = prepare_data(config, tokenizer).train_batches(config.training.per_device_batch_size)
-    optimizer = training.build_optimizer(config.training, [p for p in peft_model.parameters() if p.requires_grad], cuda=False)
-    steps = training.total_steps(config.training, stream.batches_per_epoch)
-    scheduler = training.build_scheduler(config.training, optimizer, steps)
-    losses: list[tuple[int, float]] = []
-    adjustments: list[MemoryAdjustment] = []
-    hooks = training.Hooks(
-        on_log=lambda p: losses.append((p.step, p.loss)),
-        on_eval=lambda step, loss: None,
-        on_checkpoint=lambda state: None,
-        stop_requested=lambda: False,
-        on_memory_adjustment=adjustments.append,
-    )
-    outcome = training.train(
-        LossModel(peft_model),
-        optimizer,
-        scheduler,
-        stream,
-        spec=config.training,
-        steps=steps,
-        state=TrainingState(),
-        ctx=ctx,
-        precision=Precision.FP32,
-        hooks=hooks,
-        eval_batches=None,
-        memory=memory,
-    )
-    return outcome, losses, adjustments, stream.state_dict()
+    run = train_in_process(config, memory, seed=0)
+    return run.outcome, run.losses, run.adjustments, run.stream_state
 
 
 def config(tiny_model_dir: Path, data: Path, tmp_path: Path, micro_batch: int, accumulation: int) -> TrainerConfig:

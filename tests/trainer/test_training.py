@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from kubetune_api.recipe import Precision
 from kubetune_api.runtime import TrainerConfig
 from tests.trainer.conftest import trainer_config
+from tests.trainer.inprocess import train_in_process
 
 pytestmark = [
     pytest.mark.trainer,
@@ -17,48 +16,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),
     pytest.mark.filterwarnings("ignore::UserWarning"),
 ]
-
-
-def _train(config: TrainerConfig, steps_seen: list[tuple[int, float]]) -> tuple[Any, Any]:
-    """Set up exactly as the recipe does and run the loop; returns (peft model, tokenizer)."""
-    from kubetune_trainer import distributed, model, training
-    from kubetune_trainer.data.prepare import prepare_data
-    from kubetune_trainer.local_checkpoints import TrainingState
-    from kubetune_trainer.loss import LossModel
-
-    ctx = distributed.init(False)
-    files = model.fetch_model(config.model, config.output, Path(config.runtime.work_dir), store_factory=None)  # type: ignore[arg-type]
-    tokenizer = model.load_tokenizer(files, False)
-    quant = config.effective_quantization()
-    base = model.load_base_model(files, dtype_name="float32", quantization=quant, device="cpu", trust_remote_code=False)
-    peft_model = model.apply_lora(base, config.lora, gradient_checkpointing=config.training.gradient_checkpointing)
-    data = prepare_data(config, tokenizer)
-    stream = data.train_batches(config.training.per_device_batch_size)
-    optimizer = training.build_optimizer(config.training, [p for p in peft_model.parameters() if p.requires_grad], cuda=False)
-    steps = training.total_steps(config.training, stream.batches_per_epoch)
-    scheduler = training.build_scheduler(config.training, optimizer, steps)
-    hooks = training.Hooks(
-        on_log=lambda p: steps_seen.append((p.step, p.loss)),
-        on_eval=lambda step, loss: None,
-        on_checkpoint=lambda state: None,
-        stop_requested=lambda: False,
-    )
-    # As in the recipe: the loss comes from the chunked LossModel around the peft model.
-    outcome = training.train(
-        LossModel(peft_model),
-        optimizer,
-        scheduler,
-        stream,
-        spec=config.training,
-        steps=steps,
-        state=TrainingState(),
-        ctx=ctx,
-        precision=Precision.FP32,
-        hooks=hooks,
-        eval_batches=None,
-    )
-    assert outcome.state.step == steps and not outcome.interrupted
-    return peft_model, tokenizer
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
@@ -75,7 +32,8 @@ def test_loss_falls_and_adapter_reproduces_logits(method: str, tiny_model_dir: P
         overrides["quantization"] = {"bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": "float32"}
     config = TrainerConfig.model_validate(trainer_config(tiny_model_dir, memorise_jsonl, "unused-bucket", "http://127.0.0.1:1", tmp_path, **overrides))
     losses: list[tuple[int, float]] = []
-    trained, tokenizer = _train(config, losses)
+    run = train_in_process(config)
+    trained, tokenizer, losses = run.peft_model, run.tokenizer, run.losses
 
     first, last = losses[0][1], losses[-1][1]
     assert last < first * 0.75, f"loss did not fall clearly: {losses}"

@@ -10,10 +10,11 @@ import yaml
 
 from kubetune_api.estimate import EstimateInput, ModelShape, estimate
 from kubetune_api.fit import FitDecision, GpuMemorySource
-from kubetune_api.result import DataReport, LengthQuantiles, PreparationReport, TerminationMessage
+from kubetune_api.result import PreparationReport, TerminationMessage
 from kubetune_api.runtime import TrainerConfig
 from kubetune_operator import manifests
 from kubetune_operator.status import compute_status
+from tests.support.reports import preparation_report
 from tests.unit.test_manifests import SETTINGS, container, make, pod_spec
 from tests.unit.test_status import cond, conditions_by_type, ftj, job, observe, pod, terminated
 
@@ -25,19 +26,7 @@ SHAPE = ModelShape(4096, 32, 32, 8, 14336, 128256, 128)
 
 def report(*, fits: bool = True, micro_batch: int = 2, accumulation: int = 8, checkpointing: bool = True) -> PreparationReport:
     breakdown = estimate(EstimateInput(SHAPE, micro_batch, 2048, checkpointing, quant_bits=4))
-    return PreparationReport(
-        data=DataReport(
-            train_records=1000,
-            tokens=250_000,
-            sequences=130,
-            packing_efficiency=0.94,
-            steps_per_epoch=9,
-            total_steps=9,
-            lengths=LengthQuantiles(p50=200, p90=700, p99=1500, max=2048),
-            dataset_sha256="ab" * 32,
-        ),
-        cache_uri="s3://adapters/runs/team-a/llama/prepared/0123456789abcdef01234567.npz",
-        cache_key="0123456789abcdef01234567",
+    return preparation_report(
         fit=FitDecision(
             fits=fits,
             gpu_memory_bytes=24 * GI,
