@@ -180,6 +180,10 @@ class EstimateInput:
     gpus: int = 1
     sharded: bool = False
     """Weights, gradients and optimizer states split across the GPUs (FSDP) instead of replicated (DDP)."""
+    chunked_loss: bool = True
+    """kubetune's LossModel (chunked above 256 MiB of logits); False: the model's own loss over all logits."""
+    fp32_unquantized: bool = False
+    """QLoRA with the unquantized weights upcast to fp32, as peft's prepare_model_for_kbit_training does (kubetune does not)."""
 
     @property
     def tokens(self) -> int:
@@ -223,6 +227,8 @@ def weight_bytes(inputs: EstimateInput) -> tuple[int, int, int]:
     linear = shape.linear_layers()
     if inputs.quant_bits is None:
         return 0, 0, plain + sum(a * b for a, b in linear.values()) * shape.num_hidden_layers * p
+    if inputs.fp32_unquantized:
+        plain = plain * 4 // p
     quantized = constants = 0
     for a, b in linear.values():
         weights, scales = quantized_bytes(a * b, b, inputs.quant_bits, inputs.double_quant)
@@ -262,16 +268,11 @@ def layer_activation_bytes(inputs: EstimateInput) -> int:
     total += t * (2 * q + 2 * kv) * p + t * shape.num_attention_heads * 4
     # Gated MLP: the gate and up projections and SiLU(gate).
     total += 3 * t * i * p
-    layers = targeted(shape, inputs.lora_targets)
-    for a, _ in layers.values():
-        if inputs.lora_dropout:
-            total += t * a * (p + 1)  # the dropout's output (lora_A's input) and its mask
+    for a, _ in targeted(shape, inputs.lora_targets).values():
+        # peft casts each adapted layer's input to the adapters' fp32 and autocast casts it back for lora_A, which
+        # saves that copy (one per adapted layer, never shared); dropout adds its mask (one byte an element).
+        total += t * a * (p + (1 if inputs.lora_dropout else 0))
         total += t * r * ADAPTER_BYTES  # lora_A's output, lora_B's input
-    if not inputs.lora_dropout:
-        # lora_A saves its input itself, once per tensor the layers read: the normed input of q/k/v and of
-        # gate/up, and the MLP product of down (the attention output of o_proj is kept by attention already).
-        reads = ((("q_proj", "k_proj", "v_proj"), h), (("gate_proj", "up_proj"), h), (("down_proj",), i))
-        total += sum(t * width * p for names, width in reads if set(names) & set(layers))
     return total
 
 
@@ -279,7 +280,7 @@ def loss_bytes(inputs: EstimateInput) -> tuple[int, bool]:
     """(bytes at the loss's peak, chunked?) as kubetune_trainer.loss computes it."""
     shape, t, p = inputs.shape, inputs.tokens, inputs.compute_bytes
     vocab = shape.vocab_size
-    if t * vocab * 4 <= CHUNK_ABOVE_BYTES:
+    if not inputs.chunked_loss or t * vocab * 4 <= CHUNK_ABOVE_BYTES:
         # The model's own loss: logits in the compute dtype, their fp32 copy, log-softmax and its gradient.
         return t * vocab * (p + 12), False
     chunk = min(CHUNK_TOKENS, t)

@@ -129,3 +129,29 @@ def test_quantities(text: str, expected: int) -> None:
 def test_a_bad_quantity_says_what_is_accepted() -> None:
     with pytest.raises(ValueError, match="for example 80Gi"):
         parse_quantity("80 gigs")
+
+
+BASELINE = Path(__file__).parents[2] / "bench" / "results" / "gpu-h200-baseline.json"
+
+
+@pytest.mark.parametrize("case", ["qlora-8b", "lora-bf16-8b"])
+def test_the_recorded_h200_peaks_of_the_earlier_trainer(case: str) -> None:
+    """bench/results/gpu-h200-baseline.json was measured at commit 294a88c, before this trainer: it ran the model's own
+    loss over all logits (no LossModel) and upcast QLoRA's unquantized weights to fp32 (peft's
+    prepare_model_for_kbit_training), with adapters at dropout 0. Told those two differences, the estimate must be within
+    10% of the measured peak and never more than 5% below it."""
+    run = next(r for r in json.loads(BASELINE.read_text()) if r["case"] == case)
+    qlora = case.startswith("qlora")
+    inputs = EstimateInput(
+        shape_8b(),
+        run["micro_batch"],
+        run["seq_len"],
+        run["gradient_checkpointing"],
+        quant_bits=4 if qlora else None,
+        lora_dropout=False,
+        optimizer=Optimizer(run["optimizer"]),
+        chunked_loss=False,
+        fp32_unquantized=qlora,
+    )
+    ratio = estimate(inputs).allocated_peak / (run["peak_vram_gib"] * GI)
+    assert 0.95 <= ratio <= 1.10, ratio
