@@ -57,9 +57,12 @@ def transition_events(old: dict[str, Any] | None, new: dict[str, Any]) -> list[E
             uri = (new.get("result") or {}).get("adapterUri", "")
             events.append(Event("Normal", st.REASON_SUCCEEDED, f"adapter published at {uri}" if uri else "the FinetuneJob succeeded"))
             events += passed_over_events(new.get("result") or {})
-        elif old_phase is None or phase in ("Running", "Suspended"):
+        elif old_phase is None or phase in ("Preparing", "Running", "Suspended"):
             # Pending after Running is a retry, which the Retrying or OOMKilled warning reports.
             events.append(Event("Normal", str(phase), new.get("message") or str(phase)))
+    prepared = after.get(st.PREPARED)
+    if prepared is not None and prepared[0] == "True" and before.get(st.PREPARED, ("",))[0] != "True":
+        events.append(Event("Normal", prepared[1], prepared[2]))
     for kind, (status, reason, message) in after.items():
         if status == "True" or reason not in WARNING_REASONS:
             continue

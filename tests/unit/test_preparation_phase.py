@@ -128,3 +128,15 @@ def test_an_auto_fit_that_cannot_fit_fails_does_not_fit_with_the_breakdown() -> 
     failed = conditions_by_type(status)["Failed"]
     assert failed["reason"] == "DoesNotFit"
     assert "Estimate per GPU:" in failed["message"] and "total" in failed["message"] and "method: qlora" in failed["message"]
+
+
+def test_preparing_and_the_prepared_data_are_events() -> None:
+    from kubetune_operator.events import transition_events
+
+    pending = compute_status(ftj(), observe())
+    preparing = compute_status(ftj(), observe(prepare_job=prepare_job(), prepare_pods=[]))
+    assert [e.reason for e in transition_events(pending, preparing)] == ["Preparing"]
+    done = TerminationMessage.succeeded(None, None).model_copy(update={"preparation": report()})
+    prepared = compute_status(ftj(), observe(prepare_job=prepare_job(cond("Complete", "")), prepare_pods=[finished_pod(done)]))
+    events = transition_events(preparing, prepared)
+    assert [(e.type, e.reason) for e in events] == [("Normal", "DataPrepared")] and "1000 records" in events[0].message
