@@ -18,6 +18,7 @@ from kubetune_trainer.data import prepare as prepare_module
 from kubetune_trainer.data.errors import DataError
 from kubetune_trainer.data.packing import IGNORE_INDEX
 from kubetune_trainer.data.prepare import PreparedData, prepare_data
+from kubetune_trainer.data.validate import MAX_LINE_BYTES
 from kubetune_trainer.storage.store import S3Store
 from tinymodel import build_tokenizer
 
@@ -233,6 +234,24 @@ def test_unknown_extension_asks_for_file_format(tmp_path: Path, tokenizer: Any) 
 def test_malformed_chat_message(messages: Any, complaint: str, tmp_path: Path, tokenizer: Any) -> None:
     path = write_records([{"messages": messages}], tmp_path / "bad.jsonl")
     assert complaint in expect_data_error(make_config(path, tmp_path, format="chat"), tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("line", "complaint"),
+    [
+        (b'{"text": "unfinished', "shard.jsonl line 2, column 10: not valid JSON"),
+        (b'{"text": "caf\xe9"}', "shard.jsonl line 2: byte 14 of the line is not UTF-8"),
+        (b'{"text": "' + b"a" * MAX_LINE_BYTES + b'"}', "shard.jsonl line 2 is longer than 64 MiB"),
+    ],
+    ids=["malformed-json", "not-utf8", "over-long"],
+)
+def test_the_trainers_own_loading_names_the_file_and_line(line: bytes, complaint: str, tmp_path: Path, tokenizer: Any) -> None:
+    """The trainer's loading and the preparation step share one validation (data/validate.py)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "shard.jsonl").write_bytes(b'{"text": "one"}\n' + line + b'\n{"text": "three"}\n')
+    message = expect_data_error(make_config(folder, tmp_path), tokenizer)
+    assert f"{folder}/shard.jsonl" in message and complaint in message, message[:300]
 
 
 def test_long_records_are_truncated_and_counted(tmp_path: Path, tokenizer: Any) -> None:
