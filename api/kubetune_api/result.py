@@ -60,6 +60,14 @@ class TrainingResult(ApiModel):
         max_length=MAX_SKIPPED,
         description="Newer checkpoints the final attempt found damaged and passed over before resuming from resumedFromStep.",
     )
+    tokenized_in_trainer: bool | None = Field(
+        default=None, description="False when the trainer loaded the preparation step's data and tokenized nothing; True when it prepared the data itself."
+    )
+    data_seconds: float | None = Field(default=None, ge=0, description="Seconds the trainer spent getting its data ready (loading or tokenizing).")
+    micro_batch: int | None = Field(default=None, ge=1, description="Micro-batch the run ended with (smaller than asked after out-of-memory adjustments).")
+    oom_adjustments: int | None = Field(
+        default=None, ge=0, description="Times the trainer halved the micro-batch (doubling accumulation) after running out of GPU memory."
+    )
 
 
 class PublishedRun(ApiModel):
@@ -70,14 +78,6 @@ class PublishedRun(ApiModel):
     manifest_sha256: str = Field(max_length=64, description="sha256 of the adapter's manifest.json.")
     merged_uri: str | None = Field(default=None, max_length=2048, description="s3:// URI of the merged model, when one was published.")
     published: datetime = Field(description="When the publication completed.")
-    tokenized_in_trainer: bool | None = Field(
-        default=None, description="False when the trainer loaded the preparation step's data and tokenized nothing; True when it prepared the data itself."
-    )
-    data_seconds: float | None = Field(default=None, ge=0, description="Seconds the trainer spent getting its data ready (loading or tokenizing).")
-    micro_batch: int | None = Field(default=None, ge=1, description="Micro-batch the run ended with (smaller than asked after out-of-memory adjustments).")
-    oom_adjustments: int | None = Field(
-        default=None, ge=0, description="Times the trainer halved the micro-batch (doubling accumulation) after running out of GPU memory."
-    )
 
 
 class LengthQuantiles(ApiModel):

@@ -18,7 +18,7 @@ from kubetune_api.result import TerminationMessage
 from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer.storage.store import S3Store
 from tests.support.s3 import MotoS3Server
-from tests.trainer.conftest import TrainerRun, run_trainer, trainer_config, trainer_env
+from tests.trainer.conftest import TrainerRun, run_prefix, run_trainer, trainer_config, trainer_env
 
 pytestmark = pytest.mark.trainer
 
@@ -71,7 +71,7 @@ def test_preparation_reports_the_data_and_fits_without_reading_the_weights(
     assert report.data.train_records == 24 and report.data.tokens > 0 and 0 < report.data.packing_efficiency <= 1
     assert report.data.lengths.max <= 64 and report.data.total_steps == 20
     assert report.fit is not None and report.fit.fits and report.fit.micro_batch == 16 and report.fit.gradient_accumulation_steps == 1
-    assert report.cache_uri == f"s3://{s3_bucket}/runs/team-a/tiny/prepared/{report.cache_key}.npz"
+    assert report.cache_uri == f"s3://{s3_bucket}/{run_prefix(config)}/prepared/{report.cache_key}.npz"
     assert _store(s3_server, s3_bucket).exists(report.cache_uri.split("/", 3)[3])
     assert _weights_gets(s3_server) == before
     assert len(message.encode()) <= 4096
@@ -112,14 +112,14 @@ def test_the_trainer_trains_from_the_prepared_file_and_refuses_another_tokenizer
     loaded = [e for e in run.events if str(e.get("msg", "")).startswith("prepared data loaded")]
     assert loaded and loaded[0]["seconds"] >= 0
     assert run.termination is not None and run.termination["result"]["tokenizedInTrainer"] is False
-    manifest: Any = _store(s3_server, s3_bucket).get_json("runs/team-a/tiny/adapter/manifest.json")
+    manifest: Any = _store(s3_server, s3_bucket).get_json(f"{run_prefix(config)}/adapter/manifest.json")
     assert manifest["dataset"]["contentSha256"] == message.preparation.data.dataset_sha256
     assert len(manifest["baseModel"]["resolvedRevision"]) == 32
 
     other = other_tokenizer(tiny_model_dir, tmp_path / "other")
-    refused = run_trainer(
-        {**loading, "model": {"source": str(other)}, "runtime": {**loading["runtime"], "workDir": str(tmp_path / "t2")}}, trainer_env(s3_server), tmp_path
-    )
+    # Another job (a run of its own) pointed at this prepared file with another model's tokenizer.
+    another_job = {**loading["runtime"], "workDir": str(tmp_path / "t2"), "runUid": "another-job"}
+    refused = run_trainer({**loading, "model": {"source": str(other)}, "runtime": another_job}, trainer_env(s3_server), tmp_path)
     assert refused.returncode == 11 and refused.termination is not None
     assert "another tokenizer" in refused.termination["message"]
 
@@ -132,7 +132,7 @@ def test_a_cpu_run_prepares_in_the_trainer_and_reports_it(
     assert run.returncode == 0 and run.termination is not None, run.stderr[-3000:]
     message = TerminationMessage.model_validate(run.termination)
     assert message.preparation is not None and message.preparation.data.train_records == 24 and message.preparation.fit is None
-    manifest: Any = _store(s3_server, s3_bucket).get_json("runs/team-a/tiny/adapter/manifest.json")
+    manifest: Any = _store(s3_server, s3_bucket).get_json(f"{run_prefix(config)}/adapter/manifest.json")
     assert manifest["dataReport"]["trainRecords"] == 24 and manifest["dataset"]["contentSha256"] == message.preparation.data.dataset_sha256
 
 
