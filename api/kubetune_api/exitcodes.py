@@ -19,6 +19,8 @@ class ExitCode(IntEnum):
     """SIGTERM arrived; a checkpoint was uploaded first. Retried."""
     STORAGE_UNAVAILABLE = 4
     """S3 did not answer after every retry. Retried."""
+    HUB_UNAVAILABLE = 8
+    """The Hugging Face Hub did not answer (5xx, 429, connection error, timeout). Retried."""
     CONFIG_ERROR = 10
     """The training config is invalid or inconsistent."""
     DATA_ERROR = 11
@@ -49,6 +51,7 @@ REASONS: dict[ExitCode, str] = {
     ExitCode.RUNTIME_ERROR: "RuntimeError",
     ExitCode.INTERRUPTED: "Interrupted",
     ExitCode.STORAGE_UNAVAILABLE: "StorageUnavailable",
+    ExitCode.HUB_UNAVAILABLE: "ModelHubUnavailable",
     ExitCode.CONFIG_ERROR: "ConfigError",
     ExitCode.DATA_ERROR: "DataError",
     ExitCode.MODEL_ERROR: "ModelError",

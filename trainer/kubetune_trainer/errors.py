@@ -8,7 +8,7 @@ values from any text before it leaves the process.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from kubetune_api.exitcodes import REASONS, ExitCode
 from kubetune_api.runtime import TrainerEnvironment
@@ -65,6 +65,21 @@ def classify(error: BaseException) -> TrainerError:
     if _is_out_of_memory(error):
         return OutOfMemoryError(f"The GPU ran out of memory ({_first_line(error)}). {OOM_ADVICE}")
     return TrainerError(f"Unexpected {type(error).__name__}: {_first_line(error)}. The job is retried from its newest checkpoint.")
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """The error and what it wraps: boto3's transfer layer and transformers re-raise the real cause as their own types."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        for wrapped in (getattr(current, "last_exception", None), current.__cause__, current.__context__):
+            if isinstance(wrapped, BaseException):
+                pending.append(wrapped)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune_api.recipe import ALL_LINEAR, LoraSpec, ModelSpec, OutputSpec, Precision, QuantizationSpec
 from kubetune_api.runtime import TrainerEnvironment
-from kubetune_trainer.errors import ModelError
+from kubetune_trainer.errors import ConfigError, ModelError
+from kubetune_trainer.hub import load_error
 from kubetune_trainer.locations import local_path, location
 from kubetune_trainer.storage.paths import parse_s3_uri
 
@@ -168,6 +169,10 @@ def fetch_model(
         if not (target / "config.json").is_file():
             raise ModelError(f"spec.model.source: {spec.source} holds no config.json. Upload a folder saved with save_pretrained to that prefix.")
         return ModelFiles(str(target), None, None, resolved=digest or local_revision(target))
+    secret = spec.token_secret_ref
+    if secret is not None and not (environment.hf_token or "").strip():
+        # Without this the download runs anonymously and a gated model reads as "not found".
+        raise ConfigError(f"spec.model.tokenSecretRef: Secret '{secret.name}' has an empty value for '{secret.key}'. Put the Hugging Face token there.")
     # The operator points HF_HUB_CACHE at the cache volume when there is one, and HF_HOME at scratch.
     return ModelFiles(spec.source, spec.revision, environment.hf_token or None, environment.hf_hub_cache or None)
 
@@ -213,7 +218,7 @@ def _hub_metadata(spec: ModelSpec, target: Path, environment: TrainerEnvironment
                 hf_hub_download(spec.source, name, revision=spec.revision, token=token, local_dir=target, cache_dir=environment.hf_hub_cache)
     except (HfHubHTTPError, OSError, ValueError) as error:
         hint = _hint(ModelFiles(spec.source, spec.revision, token))
-        raise ModelError(f"spec.model.source: cannot read {spec.source!r} from the Hugging Face hub ({_short(error)}). {hint}") from error
+        raise load_error(f"{spec.source!r} from the Hugging Face hub", error, hint) from error
 
 
 def load_tokenizer(files: ModelFiles, trust_remote_code: bool) -> Any:
@@ -224,7 +229,7 @@ def load_tokenizer(files: ModelFiles, trust_remote_code: bool) -> Any:
             files.path, revision=files.revision, token=files.token, cache_dir=files.cache_dir, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as error:
-        raise ModelError(f"spec.model.source: cannot load the tokenizer of {files.path!r} ({_short(error)}). {_hint(files)}") from error
+        raise load_error(f"the tokenizer of {files.path!r}", error, _hint(files)) from error
     if tokenizer.pad_token is None:
         # Padding positions are masked out of the loss, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
@@ -250,7 +255,7 @@ def load_base_model(files: ModelFiles, *, dtype_name: str, quantization: Quantiz
     try:
         model = auto.from_pretrained(files.path, **kwargs)
     except (OSError, ValueError) as error:
-        raise ModelError(f"spec.model.source: cannot load {files.path!r} ({_short(error)}). {_hint(files)}") from error
+        raise load_error(repr(files.path), error, _hint(files)) from error
     if quant is None:
         model.to(device)
     # The KV cache is useless in training and conflicts with gradient checkpointing.
@@ -289,11 +294,6 @@ def apply_lora(model: Any, spec: LoraSpec, *, gradient_checkpointing: bool) -> A
         # Frozen embeddings give inputs without grad; checkpointed blocks need one to backpropagate.
         model.enable_input_require_grads()
     return get_peft_model(model, lora_config(spec, targets))
-
-
-def _short(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__
 
 
 def _hint(files: ModelFiles) -> str:

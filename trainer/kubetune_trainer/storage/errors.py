@@ -6,14 +6,13 @@ text, never request headers or keys.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Literal
 
-from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError, PartialCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from kubetune_api.exitcodes import ExitCode
-from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.errors import TrainerError, causes
 
 ACCESS_ERROR_CODES = frozenset(
     {"AccessDenied", "AllAccessDisabled", "AccountProblem", "ExpiredToken", "Forbidden", "InvalidAccessKeyId", "InvalidBucketName"}
@@ -54,6 +53,12 @@ class CheckpointDamaged(StorageError):
     """A checkpoint whose marker cannot be trusted, or whose files do not load: the run resumes from an older one."""
 
 
+class StorageCredentialsError(StorageError):
+    """No usable S3 credentials: the Secret's values are missing or empty, or no identity was found. Waiting cannot help."""
+
+    exit_code = ExitCode.CONFIG_ERROR
+
+
 class StorageIntegrityError(StorageError):
     """Data read back does not match its checksum. Retried; persistent mismatches end as unavailable."""
 
@@ -68,23 +73,10 @@ def http_status(error: ClientError) -> int:
     return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
 
-def causes(error: BaseException) -> Iterator[BaseException]:
-    """The error and what it wraps: boto3's transfer layer re-raises client errors as its own types."""
-    seen: set[int] = set()
-    pending: list[BaseException] = [error]
-    while pending:
-        current = pending.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        for wrapped in (getattr(current, "last_exception", None), current.__cause__, current.__context__):
-            if isinstance(wrapped, BaseException):
-                pending.append(wrapped)
-
-
-def classify(error: BaseException) -> Literal["access", "retry", "other"]:
+def classify(error: BaseException) -> Literal["access", "credentials", "retry", "other"]:
     for cause in causes(error):
+        if isinstance(cause, NoCredentialsError | PartialCredentialsError):
+            return "credentials"
         if isinstance(cause, ClientError):
             code = error_code(cause)
             if code in ACCESS_ERROR_CODES:

@@ -15,12 +15,14 @@ from typing import TypeVar
 from botocore.exceptions import ClientError
 
 from kubetune_api import layout
+from kubetune_trainer.errors import causes
+from kubetune_trainer.storage.credentials import CREDENTIALS_ADVICE
 from kubetune_trainer.storage.errors import (
     StorageAccessError,
+    StorageCredentialsError,
     StorageError,
     StorageIntegrityError,
     StorageUnavailableError,
-    causes,
     classify,
     describe,
 )
@@ -56,6 +58,10 @@ class Retrier:
                 kind = classify(error)
                 if kind == "access":
                     raise StorageAccessError(self._access_message(operation, key, error)) from error
+                if kind == "credentials":
+                    raise StorageCredentialsError(
+                        f"S3 {operation} of {layout.uri(self.bucket, key)} found no credentials ({describe(error)}). {CREDENTIALS_ADVICE}"
+                    ) from error
                 if kind == "other" and any(isinstance(cause, ClientError) for cause in causes(error)):
                     raise StorageError(f"S3 {operation} of {layout.uri(self.bucket, key)} failed ({describe(error)})") from error
                 if kind != "retry":

@@ -33,6 +33,7 @@ from botocore.exceptions import ClientError
 from kubetune_api import layout
 from kubetune_api.recipe import OutputSpec
 from kubetune_api.runtime import TrainerEnvironment
+from kubetune_trainer.storage.credentials import check_secret_credentials
 from kubetune_trainer.storage.errors import PreconditionFailed, StorageError, StorageIntegrityError, error_code, http_status
 from kubetune_trainer.storage.paths import iter_files, json_bytes, object_sha256, safe_relative_path, sha256_file
 from kubetune_trainer.storage.retry import Retrier
@@ -90,10 +91,12 @@ class S3Store:
     ) -> S3Store:
         """A store for ``spec.output``: its endpoint and region, credentials from the environment.
 
-        Without AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY boto3's default chain applies (instance
-        profile, web identity), which is what "no credentialsSecret" means in the spec.
+        Without ``spec.output.credentialsSecret`` boto3's default chain applies (instance profile,
+        web identity). With it, both values must be there: an empty value in the Secret would
+        otherwise fall back to that chain and run with the node's identity instead of the Secret's.
         """
         environment = environment or TrainerEnvironment()
+        check_secret_credentials(output, environment)
         settings = settings or StoreSettings()
         endpoint = output.endpoint_url or environment.aws_endpoint_url or None
         region = output.region or environment.aws_region or "us-east-1"
