@@ -1,6 +1,7 @@
 """Entry point: ``python -m kubetune_trainer [train|prepare] --config /etc/kubetune/config.yaml``.
 
-``prepare`` runs the preparation step (kubetune_trainer.preparation) in this process. ``train`` (the
+With credentials in the environment the trainer runs as a child whose output is redacted (see
+``redacted_output``). ``prepare`` runs the preparation step (kubetune_trainer.preparation) in this process. ``train`` (the
 default) reads the TrainerConfig, then either runs the recipe in this process or, when the run spans
 several processes (GPUs per pod > 1 or several pods), starts them through torch's elastic launcher
 and exits with the first failing worker's code.
@@ -13,9 +14,9 @@ import sys
 from pathlib import Path
 
 from kubetune_api.runtime import TrainerEnvironment
-from kubetune_trainer import logs, result
+from kubetune_trainer import logs, redacted_output, result
 from kubetune_trainer.config import DEFAULT_CONFIG, read_config, termination_path
-from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.errors import TrainerError, credentials
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,5 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     return int(entry.run(config, environment))
 
 
+def entrypoint(argv: list[str] | None = None) -> int:
+    """What the container runs: ``main`` itself, or, with credentials in the environment, ``main`` in a child whose output is redacted."""
+    argv = sys.argv[1:] if argv is None else argv
+    secrets = credentials(TrainerEnvironment())
+    if redacted_output.CHILD_FLAG in argv or not secrets:
+        return main([arg for arg in argv if arg != redacted_output.CHILD_FLAG])
+    # Output that bypasses the logger (C extensions, the launcher) may end up in the pod's termination message.
+    return redacted_output.run([sys.executable, "-m", "kubetune_trainer", redacted_output.CHILD_FLAG, *argv], secrets)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entrypoint())
