@@ -168,15 +168,14 @@ def test_rbac_has_no_wildcards_and_no_cluster_wide_secrets(values: dict[str, Any
 def test_cluster_wide_mode_grants_the_contract_rbac(tmp_path: Path) -> None:
     docs = render({"peering": {"enabled": True}}, [], tmp_path)
     assert not of_kind(docs, "Role")
-    assert grants(docs, "ClusterRole", "kubetune.io", "finetunejobs") == {"get", "list", "watch", "patch", "update"}
-    assert grants(docs, "ClusterRole", "kubetune.io", "finetunejobs/status") == {"get", "patch", "update"}
-    assert grants(docs, "ClusterRole", "batch", "jobs") == {"get", "list", "watch", "create", "delete", "patch"}
-    assert grants(docs, "ClusterRole", "", "pods") == {"get", "list", "watch"}
+    assert grants(docs, "ClusterRole", "kubetune.io", "finetunejobs") == {"list", "watch", "patch"}
+    assert grants(docs, "ClusterRole", "kubetune.io", "finetunejobs/status") == {"patch"}
+    assert grants(docs, "ClusterRole", "batch", "jobs") == {"get", "list", "watch", "create", "patch"}
+    assert grants(docs, "ClusterRole", "", "pods") == {"list", "watch"}
     for resource in ("configmaps", "services"):
-        assert grants(docs, "ClusterRole", "", resource) == {"get", "list", "watch", "create", "delete", "patch"}
-    assert grants(docs, "ClusterRole", "", "events") == {"create", "patch"}
-    assert grants(docs, "ClusterRole", "events.k8s.io", "events") == {"create", "patch"}
-    assert grants(docs, "ClusterRole", "", "nodes") == {"get", "list", "watch"}
+        assert grants(docs, "ClusterRole", "", resource) == {"get", "create", "patch"}
+    assert grants(docs, "ClusterRole", "", "events") == {"create"}
+    assert grants(docs, "ClusterRole", "", "nodes") == {"list", "watch"}
     assert grants(docs, "ClusterRole", "", "namespaces") == {"list", "watch"}
     assert grants(docs, "ClusterRole", "apiextensions.k8s.io", "customresourcedefinitions") == {"list", "watch"}
     assert grants(docs, "ClusterRole", "kopf.dev", "clusterkopfpeerings") == {"get", "list", "watch", "patch"}
@@ -194,8 +193,8 @@ def test_namespaced_mode_has_a_role_per_namespace_with_secret_get(tmp_path: Path
     for namespace, role in roles.items():
         per_namespace = [role]
         assert grants(per_namespace, "Role", "", "secrets") == {"get"}
-        assert grants(per_namespace, "Role", "batch", "jobs") == {"get", "list", "watch", "create", "delete", "patch"}
-        assert grants(per_namespace, "Role", "kubetune.io", "finetunejobs/status") == {"get", "patch", "update"}
+        assert grants(per_namespace, "Role", "batch", "jobs") == {"get", "list", "watch", "create", "patch"}
+        assert grants(per_namespace, "Role", "kubetune.io", "finetunejobs/status") == {"patch"}
         assert grants(per_namespace, "Role", "kopf.dev", "kopfpeerings") == {"get", "list", "watch", "patch"}
         assert bindings[namespace]["roleRef"]["name"] == role["metadata"]["name"]
         assert bindings[namespace]["subjects"][0]["namespace"] == RELEASE_NAMESPACE

@@ -78,28 +78,26 @@ app.kubernetes.io/managed-by: kubetune
 
 {{/* Rules on namespaced objects, shared by the cluster-wide ClusterRole and the per-namespace Roles. */}}
 {{- define "kubetune.namespacedRules" -}}
+# Exactly the verbs the operator calls (tests/integration/test_rbac_verbs.py derives them from its code).
+# kopf lists and watches what it indexes and patches a FinetuneJob to retry a handler; the operator
+# patches status. Children are written by server-side apply, a patch for which the apiserver also
+# checks create when the apply creates the object; get reads a child's owner first.
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/status"]
-  verbs: ["get", "patch", "update"]
-# Children are written by server-side apply, a patch for which the apiserver also checks create when the
-# apply creates the object; get reads a child's owner first. delete is what clusters that enforce
-# OwnerReferencesPermissionEnforcement require of whoever sets an object's ownerReferences.
+  verbs: ["patch"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+  verbs: ["get", "create", "patch"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
