@@ -33,6 +33,8 @@ class ExitCode(IntEnum):
     """The loss became NaN or infinite."""
     OUT_OF_MEMORY = 15
     """The accelerator ran out of memory."""
+    DISK_FULL = 18
+    """A volume of the pod filled up (no space left on device)."""
 
 
 NON_RETRIABLE: frozenset[ExitCode] = frozenset(
@@ -43,6 +45,7 @@ NON_RETRIABLE: frozenset[ExitCode] = frozenset(
         ExitCode.STORAGE_ACCESS_ERROR,
         ExitCode.NUMERIC_ERROR,
         ExitCode.OUT_OF_MEMORY,
+        ExitCode.DISK_FULL,
     }
 )
 
@@ -58,5 +61,6 @@ REASONS: dict[ExitCode, str] = {
     ExitCode.STORAGE_ACCESS_ERROR: "StorageAccessDenied",
     ExitCode.NUMERIC_ERROR: "LossNotFinite",
     ExitCode.OUT_OF_MEMORY: "OutOfMemory",
+    ExitCode.DISK_FULL: "DiskFull",
 }
 """CamelCase reason for each exit code, used in termination messages and FinetuneJob conditions."""

@@ -104,6 +104,17 @@ class ResourcesSpec(ApiModel):
     cpu: Quantity | None = Field(default=None, description="CPU request and limit per pod, for example '8' or '500m'.")
     memory: Quantity | None = Field(default=None, description="Memory request and limit per pod, for example '64Gi'.")
     shm_size: Quantity = Field(default="8Gi", description="Size of the memory-backed /dev/shm used by data loaders and NCCL.")
+    scratch_size: Quantity = Field(
+        default="200Gi",
+        description="Size limit of the scratch volume (the Hugging Face download cache, local checkpoints, the merged model). "
+        "A trainer that fills it fails with reason DiskFull naming this field; raise it for models above about 40B parameters.",
+    )
+    tmp_size: Quantity = Field(default="10Gi", description="Size limit of the /tmp volume (temporary files of the libraries).")
+    ephemeral_storage: Quantity | None = Field(
+        default=None,
+        description="Ephemeral storage requested and limited per pod, so that the scheduler only picks a node with that much local disk. "
+        "Unset requests none; the scratch and /tmp volumes are bounded by scratchSize and tmpSize either way.",
+    )
     node_selector: dict[str, ShortString] = Field(
         default_factory=dict,
         json_schema_extra={"maxProperties": 32},

@@ -222,6 +222,8 @@ def _resources(job: FinetuneJob, settings: OperatorSettings, prepare: bool = Fal
         limits["cpu"] = cpu
     if memory:
         limits["memory"] = memory
+    if spec.ephemeral_storage:
+        limits["ephemeral-storage"] = spec.ephemeral_storage
     return {"limits": dict(limits), "requests": dict(limits)} if limits else {}
 
 
@@ -240,8 +242,8 @@ def _volumes(job: FinetuneJob) -> tuple[list[Manifest], list[Manifest]]:
     volumes: list[Manifest] = [
         {"name": "config", "configMap": {"name": config_map_name(name)}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": job.spec.resources.shm_size}},
-        {"name": "scratch", "emptyDir": {}},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "scratch", "emptyDir": {"sizeLimit": job.spec.resources.scratch_size}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": job.spec.resources.tmp_size}},
     ]
     mounts: list[Manifest] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},

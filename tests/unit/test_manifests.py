@@ -324,6 +324,19 @@ def test_volumes_shm_scratch_config_and_model_cache() -> None:
     assert "models" not in {v["name"] for v in pod_spec(no_cache)["volumes"]}
 
 
+def test_scratch_and_tmp_are_bounded_and_ephemeral_storage_is_requested_when_asked() -> None:
+    defaults = manifests.build_job(make(), OperatorSettings())
+    volumes = {v["name"]: v for v in pod_spec(defaults)["volumes"]}
+    assert volumes["scratch"]["emptyDir"] == {"sizeLimit": "200Gi"} and volumes["tmp"]["emptyDir"] == {"sizeLimit": "10Gi"}
+    assert "ephemeral-storage" not in container(defaults)["resources"]["requests"]
+
+    sized = manifests.build_job(make(resources={"gpus": 1, "scratchSize": "500Gi", "tmpSize": "2Gi", "ephemeralStorage": "520Gi"}), OperatorSettings())
+    volumes = {v["name"]: v for v in pod_spec(sized)["volumes"]}
+    assert volumes["scratch"]["emptyDir"] == {"sizeLimit": "500Gi"} and volumes["tmp"]["emptyDir"] == {"sizeLimit": "2Gi"}
+    resources = container(sized)["resources"]
+    assert resources["requests"]["ephemeral-storage"] == resources["limits"]["ephemeral-storage"] == "520Gi"
+
+
 def test_pod_failure_policy_fails_fast_on_input_errors_and_ignores_disruptions() -> None:
     policy = manifests.build_job(make(), SETTINGS)["spec"]["podFailurePolicy"]
     fail, ignore = policy["rules"]

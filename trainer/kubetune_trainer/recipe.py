@@ -20,7 +20,7 @@ from kubetune_api.exitcodes import ExitCode
 from kubetune_api.recipe import OutputSpec, Precision
 from kubetune_api.result import CheckpointRef, PreparationReport, SkippedCheckpoint, TerminationMessage, TrainingResult
 from kubetune_api.runtime import TrainerConfig, TrainerEnvironment
-from kubetune_trainer import distributed, export, local_checkpoints, logs, model, result, training
+from kubetune_trainer import disk, distributed, export, local_checkpoints, logs, model, result, training
 from kubetune_trainer.data.prepare import prepare_data
 from kubetune_trainer.distributed import Context
 from kubetune_trainer.errors import Interrupted, classify
@@ -396,7 +396,8 @@ class LoRARecipe:
     def fail(self, error: BaseException) -> ExitCode:
         """Report ``error`` as the run's end; returns the exit code it maps to."""
         path = self.config.runtime.termination_message_path if self.ctx.is_local_main else None
-        return result.report_failure(classify(error), self.last_checkpoint, path, self.environment)
+        failure = disk.full(error, self.work_dir) or classify(error)
+        return result.report_failure(failure, self.last_checkpoint, path, self.environment)
 
     def cleanup(self) -> None:
         self._uploads.shutdown(wait=True, cancel_futures=True)
