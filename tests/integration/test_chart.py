@@ -52,6 +52,7 @@ def test_helm_lint_strict_is_clean(tmp_path: Path) -> None:
 def test_every_object_is_well_formed_and_namespaced_where_it_should_be(values: dict[str, Any], apis: list[str], tmp_path: Path) -> None:
     docs = render(values, apis, tmp_path)
     cluster_scoped = {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}
+    cluster_scoped |= {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
     for doc in docs:
         assert {"apiVersion", "kind", "metadata"} <= doc.keys()
         assert doc["metadata"]["name"]

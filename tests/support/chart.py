@@ -58,6 +58,10 @@ MATRIX: dict[str, tuple[dict[str, Any], list[str]]] = {
         [MONITORING_API],
     ),
     "network-policy": ({"networkPolicy": {"enabled": True}}, []),
+    "admission-policy": (
+        {"admissionPolicy": {"enabled": True, "allowedImagePrefixes": ["registry.example.com/ml/"], "allowTrustRemoteCode": False}},
+        [],
+    ),
     "network-policy-namespaced": ({"networkPolicy": {"enabled": True}, "watchNamespaces": ["team-a", "team-b"]}, []),
     "local-cluster": (
         {
