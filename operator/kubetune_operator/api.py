@@ -225,6 +225,13 @@ class FinetuneJobSpec(TrainingRecipe):
         default=3, ge=0, le=100, description="Retries of the trainer after runtime failures (configuration errors are never retried)."
     )
     active_deadline_seconds: Annotated[int | None, MUTABLE] = Field(default=None, ge=60, description="Fail the job when it runs longer than this.")
+    max_disruptions: int = Field(
+        default=10,
+        ge=0,
+        le=1000,
+        description="Trainer pods evicted or preempted (pod condition DisruptionTarget) before the job fails with reason "
+        "DisruptionLimitExceeded. Disruptions resume from the newest checkpoint and do not count against backoffLimit.",
+    )
     ttl_seconds_after_finished: Annotated[int | None, MUTABLE_BY_OPERATOR] = Field(
         default=None,
         ge=0,
@@ -335,6 +342,7 @@ class FinetuneJobStatus(ApiModel):
     start_time: datetime | None = Field(default=None, description="When the trainer first started.")
     completion_time: datetime | None = Field(default=None, description="When the FinetuneJob finished.")
     attempts: int = Field(default=0, ge=0, description="Trainer pod attempts so far (1 + retries).")
+    disruptions: int = Field(default=0, ge=0, description="Trainer pods evicted or preempted so far (pod condition DisruptionTarget).")
     observed_generation: int | None = Field(default=None, ge=0, description="metadata.generation this status reflects.")
     message: str | None = Field(default=None, max_length=32768, description="What is happening now, or why it failed and what to do.")
 

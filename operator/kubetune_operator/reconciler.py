@@ -23,7 +23,7 @@ from kubetune_operator.progress import ScrapeError, TrainerSample, scrape
 from kubetune_operator.runtime import Key, Obj, Runtime, now
 from kubetune_operator.snapshots import Watched, controller_owner, finished, parse, previous_status, short_errors, slim_job
 from kubetune_operator.status import Observed, compute_status, invalid_spec_status, job_expiry, status_patch
-from kubetune_operator.verdict import conditions_of, newest_first, preparation_report, rank
+from kubetune_operator.verdict import conditions_of, disruptions, newest_first, preparation_report, rank
 
 MIB = 1024**2
 
@@ -315,6 +315,9 @@ class Reconciler:
             self.runtime.track(key, running=new.get("phase") == api.Phase.RUNNING)
             self._publish(key, body, new)
             self._expire(key, ftj, job, new)
+            if job is not None and disruptions(observed.pods) > ftj.spec.max_disruptions and not (job.get("spec") or {}).get("suspend"):
+                # The podFailurePolicy ignores disruptions, so the Job would replace evicted pods forever: stop it.
+                self.kube.patch_job_spec(key[0], job["metadata"]["name"], job["metadata"]["uid"], {"suspend": True})
 
     def _expire(self, key: Key, ftj: api.FinetuneJob, job: Obj | None, written: Obj) -> None:
         """spec.ttlSecondsAfterFinished, kept by the operator rather than the Job controller: the finished Job (and its

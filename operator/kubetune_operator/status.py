@@ -37,6 +37,7 @@ from kubetune_operator.verdict import (
     MAX_MESSAGE,
     Verdict,
     conditions_of,
+    disruptions,
     fill_negatives,
     job_phase,
     newest_first,
@@ -170,6 +171,7 @@ def compute_status(spec: FinetuneJob, observed: Observed) -> Obj:
         start_time=job_status.get("startTime"),
         completion_time=completion if verdict.phase in (Phase.SUCCEEDED, Phase.FAILED) else None,
         attempts=_attempts(spec, observed),
+        disruptions=disruptions(observed.pods),
         observed_generation=spec.metadata.generation,
         message=verdict.message[:MAX_MESSAGE] or None,
     )

@@ -22,6 +22,7 @@ from kubetune_operator.conditions import (
     REASON_CREATE_CONTAINER_CONFIG_ERROR,
     REASON_DATA_PREPARED,
     REASON_DEADLINE_EXCEEDED,
+    REASON_DISRUPTION_LIMIT_EXCEEDED,
     REASON_DOES_NOT_FIT,
     REASON_FINISHING,
     REASON_IMAGE_PULL,
@@ -166,6 +167,11 @@ def _secret_in(text: str) -> str | None:
     return text[start + len(marker) : end] if end > start else None
 
 
+def disruptions(pods: list[Obj]) -> int:
+    """Trainer pods that ended because they were evicted or preempted, which the podFailurePolicy does not count."""
+    return sum(1 for pod in pods if (pod.get("status") or {}).get("phase") == "Failed" and _true(conditions_of(pod), "DisruptionTarget"))
+
+
 def job_phase(spec: FinetuneJob, job: Obj, pods: list[Obj], verdict: Verdict) -> None:
     """The phase, message and conditions that an existing trainer Job and its pods (newest first) call for."""
     job_conditions = conditions_of(job)
@@ -173,6 +179,15 @@ def job_phase(spec: FinetuneJob, job: Obj, pods: list[Obj], verdict: Verdict) ->
     if _true(job_conditions, "Complete") or _true(job_conditions, "SuccessCriteriaMet"):
         verdict.phase, verdict.message = Phase.SUCCEEDED, "training finished"
         verdict.set(SUCCEEDED, True, REASON_SUCCEEDED, verdict.message)
+        return
+    disrupted = disruptions(pods)
+    if disrupted > spec.spec.max_disruptions:
+        verdict.phase = Phase.FAILED
+        verdict.message = (
+            f"trainer pods were evicted or preempted {disrupted} times, more than spec.maxDisruptions={spec.spec.max_disruptions}; "
+            "look for node pressure (disk, memory) or preemption by higher-priority pods, then create the job again"
+        )
+        verdict.set(FAILED, True, REASON_DISRUPTION_LIMIT_EXCEEDED, verdict.message)
         return
     failed = job_conditions.get("Failed") if _true(job_conditions, "Failed") else None
     failed = failed or (job_conditions.get("FailureTarget") if _true(job_conditions, "FailureTarget") else None)

@@ -395,3 +395,21 @@ def test_every_reason_is_camel_case_as_the_condition_schema_requires() -> None:
     reasons = [value for name, value in vars(conditions).items() if name.startswith("REASON_")]
     reasons += sorted(conditions.TRAINER_REASONS)
     assert reasons and all(re.fullmatch(pattern, reason) and reason[0].isupper() for reason in reasons)
+
+
+def evicted(i: int) -> dict[str, Any]:
+    """A trainer pod the kubelet evicted (disk pressure): Failed with the DisruptionTarget condition."""
+    condition = {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet", "message": "The node was low on resource: ephemeral-storage."}
+    return pod("Failed", state=terminated(137, reason="Error"), conditions=[condition], created=f"2026-11-27T07:0{i}:00Z", name=f"evicted-{i}")
+
+
+def test_disruptions_are_counted_and_fail_the_job_past_the_limit() -> None:
+    retrying = compute_status(ftj(maxDisruptions=2), observe(job=job(failed=0), pods=[evicted(0), evicted(1)]))
+    assert retrying["disruptions"] == 2 and retrying["phase"] != "Failed"
+    too_many = compute_status(ftj(maxDisruptions=2), observe(job=job(failed=0), pods=[evicted(0), evicted(1), evicted(2)]))
+    assert too_many["phase"] == "Failed" and too_many["disruptions"] == 3
+    failed = conditions_by_type(too_many)["Failed"]
+    assert failed["reason"] == "DisruptionLimitExceeded" and "spec.maxDisruptions=2" in failed["message"] and "3 times" in failed["message"]
+    # A runtime failure is not a disruption.
+    crashed = pod("Failed", state=terminated(1), name="crashed")
+    assert compute_status(ftj(maxDisruptions=0), observe(job=job(failed=1), pods=[crashed]))["disruptions"] == 0
