@@ -40,6 +40,12 @@ if "--redacted-child" in sys.orig_argv and os.environ.get("ON_START") == "count-
     time.sleep(1.0)
     os.write(1, b"sigterms=%d\\n" % len(received))
     os._exit(3)
+if "--redacted-child" in sys.orig_argv and os.environ.get("ON_START") == "leave-a-worker":
+    if os.fork() == 0:
+        time.sleep(600)
+        os._exit(0)
+    os.write(1, b"trainer done\\n")
+    os._exit(7)
 """
 
 
@@ -85,3 +91,14 @@ def test_sigterm_to_the_pod_reaches_the_trainer_exactly_once(tmp_path: Path) -> 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
     assert (process.returncode, out) == (3, b"sigterms=1\n"), err.decode(errors="replace")
+
+
+def test_a_worker_left_behind_does_not_keep_the_pod_running(tmp_path: Path) -> None:
+    # The trainer exits while a process it started still holds stdout and stderr open.
+    process = start_trainer(tmp_path, "leave-a-worker", start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert (process.returncode, out) == (7, b"trainer done\n"), err.decode(errors="replace")

@@ -28,6 +28,8 @@ CHILD_FLAG = "--redacted-child"
 """Hidden command-line flag that marks the child, which must not wrap itself again."""
 MAX_LINE_BYTES = 64 * 1024
 """Longer lines are redacted in pieces of this size (a progress bar without newlines)."""
+PIPE_DRAIN_SECONDS = 10.0
+"""How long the last output may take to pass once the trainer has exited (a process that left the group may hold a pipe)."""
 _PR_SET_PDEATHSIG = 1
 _FORWARDED = (signal.SIGTERM, signal.SIGINT)
 
@@ -51,14 +53,14 @@ def run(command: Sequence[str], secrets: Sequence[str]) -> int:
         for thread in pumps:
             thread.start()
         code = child.wait()
-        for thread in pumps:
-            thread.join()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        # Workers the child left behind go with it, as they would with the container.
+        # Workers the child left behind go with it, as they would with the container; they also hold the pipes open.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.pid, signal.SIGKILL)
+    for thread in pumps:
+        thread.join(timeout=PIPE_DRAIN_SECONDS)
     return 128 - code if code < 0 else code
 
 
