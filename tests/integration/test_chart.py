@@ -304,7 +304,7 @@ def port_numbers(rule: dict[str, Any]) -> set[int]:
 
 
 def test_network_policies_let_operator_and_prometheus_reach_trainer_metrics(tmp_path: Path) -> None:
-    docs = render({"networkPolicy": {"enabled": True}, "watchNamespaces": ["team-a", "team-b"]}, [], tmp_path)
+    docs = render({"networkPolicy": {"enabled": True, "egressCIDRs": ["10.20.0.0/16"]}, "watchNamespaces": ["team-a", "team-b"]}, [], tmp_path)
     policies = {(doc["metadata"]["namespace"], doc["metadata"]["name"]): doc for doc in of_kind(docs, "NetworkPolicy")}
     assert set(policies) == {(RELEASE_NAMESPACE, "kubetune-operator"), ("team-a", "kubetune-trainer"), ("team-b", "kubetune-trainer")}
     operator_labels = only(docs, "Deployment")["spec"]["selector"]["matchLabels"]
@@ -319,6 +319,9 @@ def test_network_policies_let_operator_and_prometheus_reach_trainer_metrics(tmp_
     assert any(source["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}} for source in sources)
     egress_ports = set().union(*(port_numbers(rule) for rule in trainer["egress"]))
     assert {53, 443} <= egress_ports
+    # Egress beyond DNS and the job's peers goes only where the values say.
+    blocks = [peer["ipBlock"]["cidr"] for rule in trainer["egress"] for peer in rule.get("to", []) if "ipBlock" in peer]
+    assert blocks == ["10.20.0.0/16"]
     operator = policies[(RELEASE_NAMESPACE, "kubetune-operator")]["spec"]
     assert any(port_numbers(rule) == {9184} for rule in operator["egress"])
     assert any({443, 6443} <= port_numbers(rule) for rule in operator["egress"])
@@ -326,13 +329,18 @@ def test_network_policies_let_operator_and_prometheus_reach_trainer_metrics(tmp_
 
 
 def test_cluster_wide_network_policy_defaults_to_the_release_namespace(tmp_path: Path) -> None:
-    docs = render({"networkPolicy": {"enabled": True}}, [], tmp_path)
+    docs = render({"networkPolicy": {"enabled": True, "egressCIDRs": ["0.0.0.0/0"]}}, [], tmp_path)
     assert {doc["metadata"]["namespace"] for doc in of_kind(docs, "NetworkPolicy")} == {RELEASE_NAMESPACE}
-    spread = render({"networkPolicy": {"enabled": True, "trainerNamespaces": ["ml"]}}, [], tmp_path)
+    spread = render({"networkPolicy": {"enabled": True, "egressCIDRs": ["0.0.0.0/0"], "trainerNamespaces": ["ml"]}}, [], tmp_path)
     assert {(doc["metadata"]["namespace"], doc["metadata"]["name"]) for doc in of_kind(spread, "NetworkPolicy")} == {
         (RELEASE_NAMESPACE, "kubetune-operator"),
         ("ml", "kubetune-trainer"),
     }
+
+
+def test_network_policies_need_the_egress_cidrs_named(tmp_path: Path) -> None:
+    result = run_helm("template", "kubetune", str(CHART), values={"networkPolicy": {"enabled": True}}, tmp_path=tmp_path)
+    assert result.returncode != 0 and "networkPolicy.egressCIDRs: list the CIDRs trainer pods may reach" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------- values

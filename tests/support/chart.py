@@ -57,12 +57,12 @@ MATRIX: dict[str, tuple[dict[str, Any], list[str]]] = {
         {"watchNamespaces": ["team-a"], "metrics": {"podMonitor": {"enabled": True}}},
         [MONITORING_API],
     ),
-    "network-policy": ({"networkPolicy": {"enabled": True}}, []),
+    "network-policy": ({"networkPolicy": {"enabled": True, "egressCIDRs": ["0.0.0.0/0"]}}, []),
     "admission-policy": (
         {"admissionPolicy": {"enabled": True, "allowedImagePrefixes": ["registry.example.com/ml/"], "allowTrustRemoteCode": False}},
         [],
     ),
-    "network-policy-namespaced": ({"networkPolicy": {"enabled": True}, "watchNamespaces": ["team-a", "team-b"]}, []),
+    "network-policy-namespaced": ({"networkPolicy": {"enabled": True, "egressCIDRs": ["10.20.0.0/16"]}, "watchNamespaces": ["team-a", "team-b"]}, []),
     "local-cluster": (
         {
             "trainer": {
