@@ -69,12 +69,14 @@ class Kube:
         self.core = client.CoreV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self.networking = client.NetworkingV1Api(api_client)
         self.metrics = metrics
         self.instance = instance or socket.gethostname()
         self._children: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
             "ConfigMap": (self.core.read_namespaced_config_map, self.core.patch_namespaced_config_map),
             "Service": (self.core.read_namespaced_service, self.core.patch_namespaced_service),
             "Job": (self.batch.read_namespaced_job, self.batch.patch_namespaced_job),
+            "NetworkPolicy": (self.networking.read_namespaced_network_policy, self.networking.patch_namespaced_network_policy),
         }
 
     def _wrote(self, verb: str, resource: str) -> None:

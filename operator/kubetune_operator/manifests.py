@@ -406,10 +406,28 @@ def _same(field: str, current: Any, wanted: Any) -> bool:
     return bool(current) == bool(wanted) if field == "suspend" else current == wanted
 
 
+def build_peer_network_policy(job: FinetuneJob, settings: OperatorSettings) -> Manifest | None:
+    """NetworkPolicy `<name>-peers`: the pods of one multi-node job reach each other (rendezvous, NCCL's ephemeral ports)
+    and no other job's pods reach them; only when the chart's NetworkPolicies are on."""
+    if job.spec.resources.nodes <= 1 or not settings.trainer_peer_network_policy:
+        return None
+    own_pods = {"matchLabels": {LABEL_FINETUNEJOB: job.metadata.name, LABEL_MANAGED_BY: MANAGED_BY}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(job, peer_network_policy_name(job.metadata.name)),
+        "spec": {"podSelector": own_pods, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": own_pods}]}]},
+    }
+
+
+def peer_network_policy_name(name: str) -> str:
+    return f"{name}-peers"
+
+
 def build_children(
     job: FinetuneJob, settings: OperatorSettings, preparation: PreparationReport | None = None, gpu_memory: GpuMemory | None = None
 ) -> list[Manifest]:
-    """All children in creation order: the config and Service exist before the pods need them.
+    """All children in creation order: the config, Service and peer policy exist before the pods need them.
 
     A job prepared in a separate Job gets the ConfigMap and that Job first; once its report is in, the ConfigMap
     with the prepared data and fitted settings, and the trainer Job."""
@@ -417,8 +435,8 @@ def build_children(
     if job.spec.prepares_in_job() and preparation is None:
         return [config_map, build_prepare_job(job, settings)]
     children = [config_map]
-    service = build_service(job, settings)
-    if service is not None:
-        children.append(service)
+    for optional in (build_service(job, settings), build_peer_network_policy(job, settings)):
+        if optional is not None:
+            children.append(optional)
     children.append(build_job(job, settings))
     return children

@@ -48,6 +48,11 @@ class OperatorSettings(BaseSettings):
     prepare_default_memory: str = Field(
         default="4Gi", description="Memory request and limit of preparation pods whose FinetuneJob sets no spec.preparation.memory."
     )
+    trainer_peer_network_policy: bool = Field(
+        default=False,
+        description="Give each multi-node job a NetworkPolicy that admits traffic between its own pods only (set when the chart's "
+        "NetworkPolicies are on, which no longer admit traffic between the pods of different jobs).",
+    )
     trainer_image_pull_secrets: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Secrets with registry credentials for the trainer image (comma-separated in the environment)."
     )

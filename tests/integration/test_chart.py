@@ -317,6 +317,10 @@ def test_network_policies_let_operator_and_prometheus_reach_trainer_metrics(tmp_
         "podSelector": {"matchLabels": operator_labels},
     } in sources
     assert any(source["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}} for source in sources)
+    # No rule admits every trainer pod: each multi-node job's own policy admits its peers.
+    assert all("ports" in rule for rule in trainer["ingress"]), trainer["ingress"]
+    assert env_of(docs)["KUBETUNE_TRAINER_PEER_NETWORK_POLICY"]["value"] == "true"
+    assert "KUBETUNE_TRAINER_PEER_NETWORK_POLICY" not in env_of(render({}, [], tmp_path))
     egress_ports = set().union(*(port_numbers(rule) for rule in trainer["egress"]))
     assert {53, 443} <= egress_ports
     # Egress beyond DNS and the job's peers goes only where the values say.

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 OPERATOR = ROOT / "operator" / "kubetune_operator"
 Grant = dict[tuple[str, str], set[str]]
 
-CLIENT_GROUPS = {"core": "", "batch": "batch", "custom": api.GROUP}
+CLIENT_GROUPS = {"core": "", "batch": "batch", "custom": api.GROUP, "networking": "networking.k8s.io"}
 """The Kube class's client attributes and the API group each one calls."""
 METHOD = re.compile(r"^(?P<verb>read|patch|create|list|delete|replace)_namespaced_(?P<kind>\w+?)(?P<status>_status)?$")
 VERBS = {"read": "get", "replace": "update"}
@@ -66,7 +66,8 @@ def kube_module_needs() -> Grant:
         match = METHOD.match(method)
         assert match, f"kube.py calls {client}.{method}, which this test cannot map to a verb: extend METHOD"
         kind = match["kind"]
-        resource = api.PLURAL if kind == "custom_object" else kind.replace("_", "") + "s"
+        singular = kind.replace("_", "")
+        resource = api.PLURAL if kind == "custom_object" else singular[:-1] + "ies" if singular.endswith("y") else singular + "s"
         resource += "/status" if match["status"] else ""
         verb = VERBS.get(match["verb"], match["verb"])
         # Server-side apply creates the object when it is absent, which the apiserver authorizes as create.

@@ -452,3 +452,16 @@ def test_operator_defaults_fill_unset_resources_and_pull_secrets() -> None:
     explicit = manifests.build_job(make(resources={"gpus": 0, "memory": "8Gi"}), settings)
     assert container(explicit)["resources"]["limits"]["memory"] == "8Gi"
     assert round_trip(job, V1Job) == job
+
+
+def test_a_multi_node_job_gets_a_network_policy_admitting_its_own_pods_only() -> None:
+    on = OperatorSettings(trainer_peer_network_policy=True)
+    gang = make(resources={"gpus": 1, "nodes": 2})
+    policy = manifests.build_peer_network_policy(gang, on)
+    assert policy is not None and policy["metadata"]["name"] == "llama-peers" and policy["metadata"]["namespace"] == "team-a"
+    own = {"matchLabels": {manifests.LABEL_FINETUNEJOB: "llama", manifests.LABEL_MANAGED_BY: manifests.MANAGED_BY}}
+    assert policy["spec"] == {"podSelector": own, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": own}]}]}
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == "0f6c-uid"
+    assert [child["kind"] for child in manifests.build_children(gang, on)] == ["ConfigMap", "Service", "NetworkPolicy", "Job"]
+    assert manifests.build_peer_network_policy(make(), on) is None
+    assert manifests.build_peer_network_policy(gang, OperatorSettings()) is None

@@ -100,4 +100,7 @@ app.kubernetes.io/managed-by: kubetune
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "patch"]
 {{- end }}
