@@ -171,7 +171,7 @@ def test_cluster_wide_mode_grants_the_contract_rbac(tmp_path: Path) -> None:
     assert not of_kind(docs, "Role")
     assert grants(docs, "ClusterRole", "kubetune.io", "finetunejobs") == {"list", "watch", "patch"}
     assert grants(docs, "ClusterRole", "kubetune.io", "finetunejobs/status") == {"patch"}
-    assert grants(docs, "ClusterRole", "batch", "jobs") == {"get", "list", "watch", "create", "patch"}
+    assert grants(docs, "ClusterRole", "batch", "jobs") == {"get", "list", "watch", "create", "patch", "delete"}
     assert grants(docs, "ClusterRole", "", "pods") == {"list", "watch"}
     for resource in ("configmaps", "services"):
         assert grants(docs, "ClusterRole", "", resource) == {"get", "create", "patch"}
@@ -194,7 +194,7 @@ def test_namespaced_mode_has_a_role_per_namespace_with_secret_get(tmp_path: Path
     for namespace, role in roles.items():
         per_namespace = [role]
         assert grants(per_namespace, "Role", "", "secrets") == {"get"}
-        assert grants(per_namespace, "Role", "batch", "jobs") == {"get", "list", "watch", "create", "patch"}
+        assert grants(per_namespace, "Role", "batch", "jobs") == {"get", "list", "watch", "create", "patch", "delete"}
         assert grants(per_namespace, "Role", "kubetune.io", "finetunejobs/status") == {"patch"}
         assert grants(per_namespace, "Role", "kopf.dev", "kopfpeerings") == {"get", "list", "watch", "patch"}
         assert bindings[namespace]["roleRef"]["name"] == role["metadata"]["name"]

@@ -81,7 +81,8 @@ app.kubernetes.io/managed-by: kubetune
 # Exactly the verbs the operator calls (tests/integration/test_rbac_verbs.py derives them from its code).
 # kopf lists and watches what it indexes and patches a FinetuneJob to retry a handler; the operator
 # patches status. Children are written by server-side apply, a patch for which the apiserver also
-# checks create when the apply creates the object; get reads a child's owner first.
+# checks create when the apply creates the object; get reads a child's owner first. A finished Job is
+# deleted once spec.ttlSecondsAfterFinished has passed.
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs"]
   verbs: ["list", "watch", "patch"]
@@ -90,7 +91,7 @@ app.kubernetes.io/managed-by: kubetune
   verbs: ["patch"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
