@@ -149,13 +149,13 @@ class Harness:
         self.settle()
 
     def _finetunejob(self, key: tuple[str, str]) -> list[Obj]:
-        try:
-            body = decoded(self._operator_custom.get_namespaced_custom_object(api.GROUP, api.VERSION, key[0], api.PLURAL, key[1], _preload_content=False))
-        except ApiException as error:
-            if error.status == 404:
-                return []
-            raise
-        return [slim_finetunejob(body)]
+        # A list, as kopf's index does: the operator's RBAC grants list and watch on FinetuneJobs, not get.
+        found = decoded(
+            self._operator_custom.list_namespaced_custom_object(
+                api.GROUP, api.VERSION, key[0], api.PLURAL, field_selector=f"metadata.name={key[1]}", _preload_content=False
+            )
+        )["items"]
+        return [slim_finetunejob(body) for body in found]
 
     def _children(self, lister: Callable[..., Any], key: tuple[str, str], slim: Callable[[Any], Obj]) -> list[Obj]:
         selector = f"{SELECTOR},{manifests.LABEL_FINETUNEJOB}={key[1]}"
