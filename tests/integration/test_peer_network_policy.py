@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 def test_a_multi_node_job_gets_a_policy_admitting_only_its_own_pods(harness: Harness) -> None:
     harness.restart(trainer_peer_network_policy=True)
-    body = harness.created("gang", resources={"gpus": 1, "nodes": 2})
+    body = harness.created("gang", resources={"gpus": 1, "nodes": 2}, preparation={"mode": "InTrainer"})
     networking = client.NetworkingV1Api(harness.plane.admin)
     policy = decoded(networking.read_namespaced_network_policy("gang-peers", NAMESPACE, _preload_content=False))
     own = {"matchLabels": {manifests.LABEL_FINETUNEJOB: "gang", manifests.LABEL_MANAGED_BY: manifests.MANAGED_BY}}

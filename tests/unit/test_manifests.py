@@ -456,7 +456,7 @@ def test_operator_defaults_fill_unset_resources_and_pull_secrets() -> None:
 
 def test_a_multi_node_job_gets_a_network_policy_admitting_its_own_pods_only() -> None:
     on = OperatorSettings(trainer_peer_network_policy=True)
-    gang = make(resources={"gpus": 1, "nodes": 2})
+    gang = make(resources={"gpus": 1, "nodes": 2}, preparation={"mode": "InTrainer"})
     policy = manifests.build_peer_network_policy(gang, on)
     assert policy is not None and policy["metadata"]["name"] == "llama-peers" and policy["metadata"]["namespace"] == "team-a"
     own = {"matchLabels": {manifests.LABEL_FINETUNEJOB: "llama", manifests.LABEL_MANAGED_BY: manifests.MANAGED_BY}}
