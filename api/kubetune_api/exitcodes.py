@@ -31,6 +31,10 @@ class ExitCode(IntEnum):
     """The loss became NaN or infinite."""
     OUT_OF_MEMORY = 15
     """The accelerator ran out of memory."""
+    DIVERGED = 16
+    """The smoothed loss ran away (spec.training.divergence, onDivergence Stop)."""
+    EVALUATION_GATE_FAILED = 17
+    """The adapter failed spec.evaluation; it was kept as a rejected candidate, not published."""
 
 
 NON_RETRIABLE: frozenset[ExitCode] = frozenset(
@@ -41,6 +45,8 @@ NON_RETRIABLE: frozenset[ExitCode] = frozenset(
         ExitCode.STORAGE_ACCESS_ERROR,
         ExitCode.NUMERIC_ERROR,
         ExitCode.OUT_OF_MEMORY,
+        ExitCode.DIVERGED,
+        ExitCode.EVALUATION_GATE_FAILED,
     }
 )
 
@@ -55,5 +61,7 @@ REASONS: dict[ExitCode, str] = {
     ExitCode.STORAGE_ACCESS_ERROR: "StorageAccessDenied",
     ExitCode.NUMERIC_ERROR: "LossNotFinite",
     ExitCode.OUT_OF_MEMORY: "OutOfMemory",
+    ExitCode.DIVERGED: "Diverged",
+    ExitCode.EVALUATION_GATE_FAILED: "EvaluationGateFailed",
 }
 """CamelCase reason for each exit code, used in termination messages and FinetuneJob conditions."""
