@@ -33,6 +33,10 @@ class ExitCode(IntEnum):
     """The loss became NaN or infinite."""
     OUT_OF_MEMORY = 15
     """The accelerator ran out of memory."""
+    DIVERGED = 16
+    """The smoothed loss ran away (spec.training.divergence, onDivergence Stop)."""
+    EVALUATION_GATE_FAILED = 17
+    """The adapter failed spec.evaluation; it was kept as a rejected candidate, not published."""
     DISK_FULL = 18
     """A volume of the pod filled up (no space left on device)."""
 
@@ -45,6 +49,8 @@ NON_RETRIABLE: frozenset[ExitCode] = frozenset(
         ExitCode.STORAGE_ACCESS_ERROR,
         ExitCode.NUMERIC_ERROR,
         ExitCode.OUT_OF_MEMORY,
+        ExitCode.DIVERGED,
+        ExitCode.EVALUATION_GATE_FAILED,
         ExitCode.DISK_FULL,
     }
 )
@@ -61,6 +67,8 @@ REASONS: dict[ExitCode, str] = {
     ExitCode.STORAGE_ACCESS_ERROR: "StorageAccessDenied",
     ExitCode.NUMERIC_ERROR: "LossNotFinite",
     ExitCode.OUT_OF_MEMORY: "OutOfMemory",
+    ExitCode.DIVERGED: "Diverged",
+    ExitCode.EVALUATION_GATE_FAILED: "EvaluationGateFailed",
     ExitCode.DISK_FULL: "DiskFull",
 }
 """CamelCase reason for each exit code, used in termination messages and FinetuneJob conditions."""

@@ -8,6 +8,8 @@
     <output.prefix>/<namespace>/<name>/runs/<run>/adapter/               the published adapter, manifest.json last
     <output.prefix>/<namespace>/<name>/runs/<run>/merged/                the merged model, when asked for
     <output.prefix>/<namespace>/<name>/runs/<run>/prepared/<key>.npz     tokenized, packed data from the preparation step
+    <output.prefix>/<namespace>/<name>/runs/<run>/rejected/              an adapter that failed spec.evaluation, kept unpublished
+    <output.prefix>/<namespace>/<name>/runs/<run>/logs/<pod>.jsonl       each attempt's structured trainer log (its newest 4 MiB)
 
 ``<run>`` is the FinetuneJob's metadata.uid (a hash of the recipe for runs started by hand), so a
 FinetuneJob deleted and created again under the same name is a new run: it never resumes from,
@@ -31,6 +33,8 @@ CHECKPOINTS_FOLDER = "checkpoints"
 ADAPTER_FOLDER = "adapter"
 MERGED_FOLDER = "merged"
 PREPARED_FOLDER = "prepared"
+REJECTED_FOLDER = "rejected"
+LOGS_FOLDER = "logs"
 CHECKPOINT_MARKER = "checkpoint.json"
 """Written last into a checkpoint folder: it lists every file, so its presence means complete."""
 MANIFEST = "manifest.json"
@@ -94,6 +98,19 @@ def merged_prefix(run: str) -> str:
 def prepared_prefix(run: str) -> str:
     """Folder of the run's prepared (tokenized and packed) data, one file per cache key."""
     return join_key(run, PREPARED_FOLDER)
+
+
+def rejected_prefix(run: str) -> str:
+    return join_key(run, REJECTED_FOLDER)
+
+
+def logs_prefix(run: str) -> str:
+    """Folder of the trainer logs of every attempt (ends in '/')."""
+    return join_key(run, LOGS_FOLDER) + "/"
+
+
+def logs_key(run: str, pod: str) -> str:
+    return join_key(run, LOGS_FOLDER, f"{pod}.jsonl")
 
 
 def checkpoint_uri(bucket: str, run: str, step: int) -> str:

@@ -17,6 +17,7 @@ MESSAGES: dict[str, str] = {
     "training.one_of": "spec.training: set exactly one of epochs or maxSteps",
     "training.warmup": "spec.training.warmupSteps must be smaller than spec.training.maxSteps",
     "training.eval_every": "spec.training.evalEvery needs spec.dataset.eval (a ratio or a source)",
+    "evaluation.eval": "spec.evaluation needs spec.dataset.eval (a ratio or a source): the gate compares eval losses",
     "quantization.method": "spec.quantization is only valid with method: qlora; remove it or set spec.method to qlora",
     "resources.multinode": "spec.resources.nodes > 1 needs spec.resources.gpus > 0: multi-node training runs on GPUs",
     "training.fp16_cpu": "spec.training.precision fp16 needs GPUs: use auto or fp32 when spec.resources.gpus is 0",

@@ -23,6 +23,8 @@ class TrainerMetric(StrEnum):
     PROGRESS = "kubetune_trainer_progress_ratio"
     LOSS = "kubetune_trainer_loss"
     EVAL_LOSS = "kubetune_trainer_eval_loss"
+    BASE_EVAL_LOSS = "kubetune_trainer_base_eval_loss"
+    DIVERGED = "kubetune_trainer_diverged"
     LEARNING_RATE = "kubetune_trainer_learning_rate"
     TOKENS_PER_SECOND = "kubetune_trainer_tokens_per_second"
     ETA = "kubetune_trainer_eta_seconds"

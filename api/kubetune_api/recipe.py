@@ -17,6 +17,7 @@ from pydantic.config import JsonDict
 
 from kubetune_api.dataset import DatasetSpec
 from kubetune_api.messages import message
+from kubetune_api.quality import DivergenceSpec, EvaluationSpec
 from kubetune_api.schema import DOT_SEGMENT_PATTERN, K8S_NAME_PATTERN, ApiModel, cel, check_source, source_rules, validations
 
 ALL_LINEAR = "all-linear"
@@ -226,6 +227,9 @@ class TrainingSpec(ApiModel):
     )
     eval_every: int | None = Field(default=None, ge=1, description="Evaluate every this many steps; requires spec.dataset.eval.")
     log_every: int = Field(default=10, ge=1, description="Log progress and update metrics every this many steps.")
+    divergence: DivergenceSpec = Field(
+        default_factory=DivergenceSpec, description="When a finite loss that runs away counts as divergence, and whether the run then stops."
+    )
 
 
 PREFIX_PATTERN = r"^([A-Za-z0-9!_.*'()-]+(/[A-Za-z0-9!_.*'()-]+)*/?)?$"
@@ -299,6 +303,10 @@ RECIPE_RULES: list[JsonDict] = [
         "!has(self.training.evalEvery) || has(self.dataset.eval)",
         message("training.eval_every"),
     ),
+    cel(
+        "!has(self.evaluation) || has(self.dataset.eval)",
+        message("evaluation.eval"),
+    ),
 ]
 """CEL twins of ``cross_field_errors``, attached to every schema that embeds a recipe."""
 
@@ -321,6 +329,10 @@ class TrainingRecipe(ApiModel):
     )
     training: TrainingSpec = Field(description="Optimisation settings.")
     output: OutputSpec = Field(description="Where the adapter and checkpoints go (S3).")
+    evaluation: EvaluationSpec | None = Field(
+        default=None,
+        description="A gate on the eval loss (needs spec.dataset.eval): an adapter that fails it is kept as a rejected candidate, not published.",
+    )
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> TrainingRecipe:
@@ -348,6 +360,8 @@ def cross_field_errors(config: TrainingRecipe) -> list[str]:
         errors.append(message("quantization.method"))
     if training.eval_every is not None and config.dataset.eval is None:
         errors.append(message("training.eval_every"))
+    if config.evaluation is not None and config.dataset.eval is None:
+        errors.append(message("evaluation.eval"))
     if config.dataset.eval is not None and (config.dataset.eval.ratio is None) == (config.dataset.eval.source is None):
         errors.append(message("dataset.eval.one_of"))
     return errors

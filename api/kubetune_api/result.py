@@ -15,7 +15,9 @@ from pydantic import Field, ValidationError
 
 from kubetune_api.exitcodes import REASONS, ExitCode
 from kubetune_api.fit import FitDecision
+from kubetune_api.quality import EvaluationReport
 from kubetune_api.schema import ApiModel
+from kubetune_api.serving import AdapterFacts
 
 MAX_BYTES = 4096
 """Kubernetes keeps at most 4 KiB of a termination message."""
@@ -68,6 +70,7 @@ class TrainingResult(ApiModel):
     oom_adjustments: int | None = Field(
         default=None, ge=0, description="Times the trainer halved the micro-batch (doubling accumulation) after running out of GPU memory."
     )
+    adapter: AdapterFacts | None = Field(default=None, description="Rank, target modules and base architecture of the adapter, for the serving check.")
 
 
 class PublishedRun(ApiModel):
@@ -125,14 +128,15 @@ class TerminationMessage(ApiModel):
     result: TrainingResult | None = Field(default=None, description="The published adapter, when the run succeeded.")
     last_checkpoint: CheckpointRef | None = Field(default=None, description="The newest complete checkpoint of the run.")
     preparation: PreparationReport | None = Field(default=None, description="What the preparation step found, when this process prepared the data.")
+    evaluation: EvaluationReport | None = Field(default=None, description="Base and final eval loss and the gate's verdict, when the run had an eval split.")
 
     @classmethod
-    def succeeded(cls, result: TrainingResult | None, last_checkpoint: CheckpointRef | None) -> TerminationMessage:
-        return cls(status="Succeeded", reason=REASONS[ExitCode.SUCCESS], result=result, last_checkpoint=last_checkpoint)
+    def succeeded(cls, result: TrainingResult | None, last_checkpoint: CheckpointRef | None, evaluation: EvaluationReport | None = None) -> TerminationMessage:
+        return cls(status="Succeeded", reason=REASONS[ExitCode.SUCCESS], result=result, last_checkpoint=last_checkpoint, evaluation=evaluation)
 
     @classmethod
-    def failed(cls, code: ExitCode, message: str, last_checkpoint: CheckpointRef | None) -> TerminationMessage:
-        return cls(status="Failed", reason=REASONS[code], message=message, exit_code=int(code), last_checkpoint=last_checkpoint)
+    def failed(cls, code: ExitCode, message: str, last_checkpoint: CheckpointRef | None, evaluation: EvaluationReport | None = None) -> TerminationMessage:
+        return cls(status="Failed", reason=REASONS[code], message=message, exit_code=int(code), last_checkpoint=last_checkpoint, evaluation=evaluation)
 
     def encode(self) -> bytes:
         """Compact camelCase JSON within MAX_BYTES, shortening the free-text message if needed."""

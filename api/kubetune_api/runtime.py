@@ -68,6 +68,12 @@ class RuntimeConfig(ApiModel):
     )
     rendezvous_port: int = Field(default=RENDEZVOUS_PORT, ge=1, le=65535, description="Port of the rendezvous on rendezvousHost.")
     metrics_port: int = Field(default=METRICS_PORT, ge=1, le=65535, description="Port of the Prometheus metrics endpoint.")
+    metrics_linger_seconds: int = Field(
+        default=30,
+        ge=0,
+        le=600,
+        description="Seconds the metrics endpoint stays up after the loss stopped the run (NaN or divergence), so Prometheus scrapes that loss.",
+    )
     work_dir: str = Field(default=WORK_DIR, description="Scratch directory for caches and local checkpoints.")
     termination_message_path: str = Field(default=TERMINATION_MESSAGE_PATH, description="File that receives the JSON result.")
     preparation: PreparationRuntime = Field(default_factory=PreparationRuntime, description="Prepared data and the GPU size to fit.")

@@ -11,6 +11,7 @@ from kubetune_operator import api, manifests
 from kubetune_operator.handlers import register
 from kubetune_operator.kube import Kube
 from kubetune_operator.metrics import Health, MetricsServer, OperatorMetrics
+from kubetune_operator.notifications import Notifier
 from kubetune_operator.persistence import HandledState, MemoryDiffBaseStorage, MemoryProgressStorage
 from kubetune_operator.reconciler import Reconciler
 from kubetune_operator.runtime import Runtime
@@ -54,7 +55,9 @@ def main() -> None:
     metrics = OperatorMetrics()
     health = Health()
     registry = kopf.OperatorRegistry()
-    runtime = Runtime(settings=settings, metrics=metrics, health=health)
+    notifier = Notifier(settings.notification_sinks, metrics.registry, signing_key=settings.notification_signing_key)
+    notifier.start()
+    runtime = Runtime(settings=settings, metrics=metrics, health=health, notifier=notifier)
     register(registry, Reconciler(runtime, Kube(kube_client(settings), metrics)))
     server = MetricsServer(settings.operator_host, settings.operator_port, metrics, health)
     server.start()
@@ -69,6 +72,7 @@ def main() -> None:
             ready_flag=health.ready,
         )
     finally:
+        notifier.stop()
         server.stop()
 
 

@@ -17,9 +17,11 @@ from pydantic.config import JsonDict
 from pydantic.fields import FieldInfo
 
 from kubetune_api.messages import message
+from kubetune_api.quality import EvaluationReport
 from kubetune_api.recipe import RECIPE_RULES, Optimizer, Precision, TrainingRecipe
 from kubetune_api.result import CheckpointRef, PreparationReport, TrainingResult
 from kubetune_api.schema import K8S_NAME_PATTERN, ApiModel, cel, validations
+from kubetune_api.serving import ServingReport
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -324,7 +326,27 @@ class Progress(ApiModel):
 
 
 class Result(TrainingResult):
-    """The published adapter, as the trainer reported it in its termination message."""
+    """The published adapter, as the trainer reported it in its termination message, and how to serve it."""
+
+    serving: ServingReport | None = Field(default=None, description="Whether vLLM can serve the adapter, with the flags and a KServe InferenceService that do.")
+
+
+class AttemptUsage(ApiModel):
+    """GPU time of one trainer pod."""
+
+    pod: str = Field(max_length=253, description="Name of the trainer pod.")
+    gpus: int = Field(ge=0, description="GPUs the pod held.")
+    seconds: float = Field(ge=0, description="How long its trainer container ran.")
+    gpu_seconds: float = Field(ge=0, description="gpus x seconds.")
+    lost_gpu_seconds: float = Field(default=0.0, ge=0, description="GPU-seconds after its newest checkpoint, done again by the next attempt.")
+
+
+class Usage(ApiModel):
+    """GPU time of the FinetuneJob over all its attempts, from pod timestamps."""
+
+    gpu_seconds: float = Field(default=0.0, ge=0, description="GPUs x running time, summed over every trainer pod.")
+    lost_gpu_seconds: float = Field(default=0.0, ge=0, description="GPU-seconds lost to restarts (work after the newest checkpoint of failed attempts).")
+    attempts: list[AttemptUsage] = Field(default_factory=list, max_length=32, description="Per trainer pod, oldest first.")
 
 
 class FinetuneJobStatus(ApiModel):
@@ -337,6 +359,15 @@ class FinetuneJobStatus(ApiModel):
     result: Result | None = Field(default=None, description="The published adapter, once Succeeded.")
     preparation: PreparationReport | None = Field(
         default=None, description="What the preparation step found: the data report, the prepared-data cache, the memory estimate and the fit."
+    )
+    evaluation: EvaluationReport | None = Field(
+        default=None, description="Eval loss of the base model and of the adapter, and the spec.evaluation gate's verdict, once the run ended."
+    )
+    usage: Usage | None = Field(default=None, description="GPU time over all attempts and the work lost to restarts.")
+    logs_uri: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="s3:// folder of each attempt's trainer log (<pod>.jsonl), uploaded at every checkpoint and at the end.",
     )
     job_name: str | None = Field(default=None, max_length=253, description="Name of the trainer Job.")
     start_time: datetime | None = Field(default=None, description="When the trainer first started.")

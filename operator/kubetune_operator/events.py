@@ -63,6 +63,10 @@ def transition_events(old: dict[str, Any] | None, new: dict[str, Any]) -> list[E
     prepared = after.get(st.PREPARED)
     if prepared is not None and prepared[0] == "True" and before.get(st.PREPARED, ("",))[0] != "True":
         events.append(Event("Normal", prepared[1], prepared[2]))
+    diverged = after.get(st.DIVERGED)
+    if diverged is not None and diverged[0] == "True" and before.get(st.DIVERGED, ("",))[0] != "True" and phase != "Failed":
+        # A run that stopped on divergence says so in its Failed event; this one goes on training.
+        events.append(Event("Warning", diverged[1], diverged[2] or diverged[1]))
     for kind, (status, reason, message) in after.items():
         if status == "True" or reason not in WARNING_REASONS:
             continue

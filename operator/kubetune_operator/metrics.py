@@ -15,6 +15,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from kubetune_operator.usage import UsageTable
+
 HEARTBEAT_STALE_SECONDS = 60.0
 HEARTBEAT_SECONDS = 5.0
 
@@ -59,6 +61,8 @@ class OperatorMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.jobs = JobTable()
         self.registry.register(self.jobs)
+        self.usage = UsageTable()
+        self.registry.register(self.usage)
         self.reconcile_duration = Histogram(
             "kubetune_operator_reconcile_duration_seconds",
             "Time spent in one handler run.",

@@ -25,6 +25,7 @@ class TrainerSample:
 
     progress: Progress
     last_checkpoint_step: int | None = None
+    diverged: bool = False
 
 
 def _values(text: str) -> dict[str, list[float]]:
@@ -76,7 +77,11 @@ def parse_metrics(texts: Iterable[str], now: datetime) -> TrainerSample | None:
         eta_seconds=int(eta) if eta is not None and eta >= 0 else None,
         last_update_time=now.replace(microsecond=0),
     )
-    return TrainerSample(progress=progress, last_checkpoint_step=int(checkpoint) if checkpoint is not None and checkpoint > 0 else None)
+    return TrainerSample(
+        progress=progress,
+        last_checkpoint_step=int(checkpoint) if checkpoint is not None and checkpoint > 0 else None,
+        diverged=bool(one(TrainerMetric.DIVERGED)),
+    )
 
 
 def fetch_metrics(host: str, port: int, timeout: float) -> str:

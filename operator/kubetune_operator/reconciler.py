@@ -19,6 +19,7 @@ from kubetune_api.result import PreparationReport
 from kubetune_operator import api, manifests
 from kubetune_operator.events import job_update_rejected, suspend_events, transition_events
 from kubetune_operator.kube import Kube, Rejected, SecretsForbidden
+from kubetune_operator.notifications import phase_events
 from kubetune_operator.progress import ScrapeError, TrainerSample, scrape
 from kubetune_operator.runtime import Key, Obj, Runtime, now
 from kubetune_operator.snapshots import Watched, controller_owner, finished, parse, previous_status, short_errors, slim_job
@@ -102,6 +103,7 @@ class Reconciler:
         """Bookkeeping on every FinetuneJob event: its phase for the metrics, or forgetting it once deleted."""
         if deleted:
             self.runtime.metrics.jobs.forget(*key)
+            self.runtime.metrics.usage.forget(*key)
             self.runtime.forget(key)
             self.runtime.handled.forget(str(body.get("metadata", {}).get("uid") or ""))
         else:
@@ -310,6 +312,7 @@ class Reconciler:
                 gpu_resource_found=watched.gpu_resource_found(resources.gpu_resource_name) if resources.gpus > 0 else None,
                 prepare_job=prepare_job,
                 prepare_pods=watched.pods(key, prepare_job),
+                serving=self.settings.serving,
             )
             new = compute_status(ftj, observed)
             self.runtime.track(key, running=new.get("phase") == api.Phase.RUNNING)
@@ -339,8 +342,11 @@ class Reconciler:
         self.kube.patch_status(key[0], key[1], patch)
         self.runtime.remember(key, new)
         self.runtime.metrics.jobs.set(key[0], key[1], str(new.get("phase")))
+        self.runtime.metrics.usage.set(key[0], key[1], new)
         for event in transition_events(old, new):
             self.kube.post_event(body, event)
+        if self.runtime.notifier is not None:
+            self.runtime.notifier.notify(phase_events(body, old, new))
 
     # ---------------------------------------------------------------- progress
 

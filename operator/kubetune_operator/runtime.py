@@ -18,6 +18,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from kubetune_operator.metrics import Health, OperatorMetrics
+from kubetune_operator.notifications import Notifier
 from kubetune_operator.persistence import HandledState
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.snapshots import Watched
@@ -47,6 +48,8 @@ class Runtime:
     # kopf's live index views, kept from the first handler call for the progress ticker.
     watched: Watched | None = None
     _status_lane: ThreadPoolExecutor | None = None
+    # CloudEvents of phase changes, sent from a thread of their own; None sends none.
+    notifier: Notifier | None = None
 
     def written(self, key: Key) -> Obj | None:
         """The status last written for ``key`` by this process."""

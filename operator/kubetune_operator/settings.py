@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kubetune_api import __version__
 from kubetune_api.runtime import METRICS_PORT
+from kubetune_api.serving import DEFAULT_MAX_RANK, SUPPORTED_RANKS, ServingSettings
 
 DEFAULT_TRAINER_IMAGE = f"ghcr.io/kubetune/trainer:{__version__}"
 
@@ -70,13 +71,23 @@ class OperatorSettings(BaseSettings):
         "into fewer status writes and leaves the handler threads and the apiserver to creating trainer Jobs.",
     )
     termination_grace_seconds: int = Field(default=300, ge=30, description="Grace period of trainer pods: time to checkpoint after SIGTERM.")
+    serving_max_lora_rank: int = Field(
+        default=DEFAULT_MAX_RANK, ge=1, le=SUPPORTED_RANKS[-1], description="Highest --max-lora-rank of the vLLM fleet; the serving check of adapters uses it."
+    )
+    serving_allow_modules_to_save: bool = Field(default=False, description="Accept adapters with modules_to_save in the serving check.")
+    notification_sinks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="URLs that receive a CloudEvent on every phase change of every FinetuneJob (comma-separated in the environment)."
+    )
+    notification_signing_key: str | None = Field(
+        default=None, repr=False, description="HMAC-SHA256 key that signs each CloudEvent body (X-Kubetune-Signature); from a Secret."
+    )
     pod_namespace: str = Field(
         default="",
         validation_alias=AliasChoices("POD_NAMESPACE", "KUBETUNE_POD_NAMESPACE"),
         description="Namespace the operator itself runs in (from the downward API).",
     )
 
-    @field_validator("watch_namespaces", "trainer_image_pull_secrets", mode="before")
+    @field_validator("watch_namespaces", "trainer_image_pull_secrets", "notification_sinks", mode="before")
     @classmethod
     def _split_namespaces(cls, value: object) -> object:
         if isinstance(value, str):
@@ -89,6 +100,10 @@ class OperatorSettings(BaseSettings):
         if isinstance(value, str):
             return shlex.split(value)
         return value
+
+    @property
+    def serving(self) -> ServingSettings:
+        return ServingSettings(max_lora_rank=self.serving_max_lora_rank, allow_modules_to_save=self.serving_allow_modules_to_save)
 
     @property
     def clusterwide(self) -> bool:

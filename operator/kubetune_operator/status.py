@@ -15,6 +15,7 @@ from typing import Any
 
 from kubetune_api import layout
 from kubetune_api.result import CheckpointRef
+from kubetune_api.serving import ServingSettings
 from kubetune_operator import manifests
 from kubetune_operator.api import Condition, FinetuneJob, FinetuneJobStatus, Phase, Progress, Result
 from kubetune_operator.conditions import (
@@ -33,6 +34,8 @@ from kubetune_operator.conditions import (
     REASON_WAITING_FOR_SECRET,
 )
 from kubetune_operator.progress import TrainerSample
+from kubetune_operator.quality import evaluation_of, mark_divergence, with_serving
+from kubetune_operator.usage import usage
 from kubetune_operator.verdict import (
     MAX_MESSAGE,
     Verdict,
@@ -65,6 +68,7 @@ class Observed:
     prepare_job: Obj | None = None
     """The preparation Job, for FinetuneJobs prepared in a separate Job."""
     prepare_pods: list[Obj] = field(default_factory=list)
+    serving: ServingSettings = field(default_factory=ServingSettings)
 
 
 def _checkpoint(spec: FinetuneJob, observed: Observed, previous: FinetuneJobStatus | None) -> CheckpointRef | None:
@@ -83,11 +87,19 @@ def _checkpoint(spec: FinetuneJob, observed: Observed, previous: FinetuneJobStat
     return previous.last_checkpoint if previous else None
 
 
-def _result(observed: Observed, previous: FinetuneJobStatus | None) -> Result | None:
+def _logs_uri(spec: FinetuneJob, observed: Observed, previous: FinetuneJobStatus | None) -> str | None:
+    """Where the trainer logs go, once a trainer has started."""
+    if not any(pod.get("status", {}).get("containerStatuses") for pod in observed.pods):
+        return previous.logs_uri if previous else None
+    run = layout.run_prefix(spec.spec.output.prefix, spec.metadata.namespace, spec.metadata.name, spec.metadata.uid)
+    return layout.uri(spec.spec.output.bucket, layout.logs_prefix(run))
+
+
+def _result(spec: FinetuneJob, observed: Observed, previous: FinetuneJobStatus | None) -> Result | None:
     for pod in newest_first(observed.pods):
         message = termination_message(pod)
         if message is not None and message.status == "Succeeded" and message.result is not None:
-            return Result.model_validate(message.result.model_dump())
+            return with_serving(Result.model_validate(message.result.model_dump()), spec, observed.serving)
     # The pods that reported it are gone (garbage-collected, deleted by hand): a finished job's result never goes away.
     return previous.result if previous is not None and previous.phase is Phase.SUCCEEDED else None
 
@@ -151,7 +163,8 @@ def compute_status(spec: FinetuneJob, observed: Observed) -> Obj:
         else:
             advice = f"no node has {name} in its allocatable resources; install the device plugin or check spec.resources.gpuResourceName"
             verdict.set(GPU_RESOURCE_AVAILABLE, False, REASON_GPU_RESOURCE_NOT_FOUND, advice)
-    result = _result(observed, previous) if verdict.phase is Phase.SUCCEEDED else None
+    mark_divergence(verdict, observed.sample is not None and observed.sample.diverged, previous)
+    result = _result(spec, observed, previous) if verdict.phase is Phase.SUCCEEDED else None
     if result is not None:
         verdict.message = f"adapter published at {result.adapter_uri}"
     progress = _progress(verdict.phase, observed, previous, result)
@@ -167,6 +180,9 @@ def compute_status(spec: FinetuneJob, observed: Observed) -> Obj:
         last_checkpoint=_checkpoint(spec, observed, previous),
         result=result,
         preparation=preparation,
+        evaluation=evaluation_of(observed.pods, previous),
+        usage=usage(spec, observed.pods, observed.now),
+        logs_uri=_logs_uri(spec, observed, previous),
         job_name=manifests.job_name(spec.metadata.name) if observed.job is not None else None,
         start_time=job_status.get("startTime"),
         completion_time=completion if verdict.phase in (Phase.SUCCEEDED, Phase.FAILED) else None,

@@ -33,6 +33,11 @@ def test_demo_runs_end_to_end() -> None:
     assert "100%" in output and "Succeeded" in output
     # The run's own folder, named by the FinetuneJob's uid (kubetune_api.layout).
     assert re.search(r"adapter: s3://kubetune-demo/runs/ml/tiny-lora/runs/[0-9a-f-]{36}/adapter/ ", output), output[-4000:]
+    # The gate compared the adapter with the base model, and the hand-off says how to serve it.
+    gate = re.search(r"evaluation: base eval loss ([0-9.]+) .*, adapter ([0-9.]+) .*; gate Passed", output)
+    assert gate and float(gate.group(2)) < float(gate.group(1)), output[-4000:]
+    assert "vllm serve s3://kubetune-demo/models/tiny-llama/ --enable-lora --lora-modules ml-tiny-lora=/mnt/models --max-lora-rank 8" in output
+    assert "kind: InferenceService" in output
     assert "stopping everything the demo started" in output
     # The command it shows is the one it ran: the file exists and says what was changed from the example.
     applied = re.search(r"kubectl apply -f (\S+) -n ml   # examples/tiny-cpu-lora.yaml with spec.output.endpointUrl=(\S+)", output)

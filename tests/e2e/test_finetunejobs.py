@@ -78,6 +78,9 @@ def test_cpu_lora_job_succeeds_with_adapter_in_s3(stack: Stack) -> None:
     assert status["progress"]["step"] == body["spec"]["training"]["maxSteps"]
     assert status["result"]["adapterUri"].endswith(f"/{stack.settings.jobs_namespace}/tiny-lora/adapter/")
     assert adapter_is_complete(stack, status["result"]["adapterUri"])
+    # The example's gate compared the adapter with the base model; the hand-off says how vLLM serves it.
+    assert status["evaluation"]["gate"] == "Passed" and status["evaluation"]["finalEvalLoss"] < status["evaluation"]["baseEvalLoss"]
+    assert status["result"]["serving"]["compatible"] is True and "--enable-lora" in status["result"]["serving"]["vllmArgs"]
     succeeded = condition(status, "Succeeded")
     assert succeeded is not None and succeeded["status"] == "True"
     table = stack.kubectl("get", "ftj", "tiny-lora", "-n", stack.settings.jobs_namespace).stdout

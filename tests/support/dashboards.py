@@ -47,6 +47,8 @@ CONTRACT_METRICS = frozenset(
         "kubetune_operator_reconcile_duration_seconds",
         "kubetune_operator_reconcile_errors_total",
         "kubetune_operator_jobs_created_total",
+        "kubetune_finetunejob_gpu_seconds_total",
+        "kubetune_finetunejob_lost_work_gpu_seconds_total",
         "up",
     }
 )

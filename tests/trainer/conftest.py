@@ -36,6 +36,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def nan_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with one infinite norm weight (a diverged checkpoint): every forward pass yields NaN."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path_factory.mktemp("nan-model") / "model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("inf"))
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    return broken
+
+
+@pytest.fixture(scope="session")
 def memorise_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A few corpus sentences as text records: small enough to memorise in a few dozen steps."""
     from tinymodel import corpus_lines
@@ -71,6 +87,7 @@ def trainer_config(model: Path | str, data: Path | str, bucket: str, endpoint: s
             "workDir": str(work_dir / "work"),
             "terminationMessagePath": str(work_dir / "termination-log"),
             "metricsPort": free_port(),
+            "metricsLingerSeconds": 0,
         },
     }
     for section, values in overrides.items():

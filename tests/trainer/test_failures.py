@@ -80,20 +80,9 @@ def test_unknown_target_modules_list_the_linear_layers(
 
 
 def test_non_finite_loss(
-    pod_env: None, tiny_model_dir: Path, memorise_jsonl: Path, s3_server: MotoS3Server, s3_bucket: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    pod_env: None, nan_model_dir: Path, memorise_jsonl: Path, s3_server: MotoS3Server, s3_bucket: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    broken = tmp_path / "broken-model"
-    shutil.copytree(tiny_model_dir, broken)
-    weights = load_file(str(broken / "model.safetensors"))
-    # A diverged checkpoint: one norm weight is infinite, so every forward pass yields NaN.
-    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("inf"))
-    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    config = trainer_config(broken, memorise_jsonl, s3_bucket, s3_server.endpoint_url, tmp_path)
+    config = trainer_config(nan_model_dir, memorise_jsonl, s3_bucket, s3_server.endpoint_url, tmp_path)
     message = check_failure(*run_main(config, tmp_path, capfd), 14, "LossNotFinite")
     assert "learningRate" in message
 

@@ -175,7 +175,12 @@ OPERATOR_EXPOSITION = (
     "# TYPE kubetune_operator_reconcile_errors_total counter\n"
     'kubetune_operator_reconcile_errors_total{kind="ApiException"} 1\n'
     "# TYPE kubetune_operator_jobs_created_total counter\n"
-    f'kubetune_operator_jobs_created_total{{namespace="{NAMESPACE}"}} 2\n' + _histogram("kubetune_operator_reconcile_duration_seconds", 'handler="create"')
+    f'kubetune_operator_jobs_created_total{{namespace="{NAMESPACE}"}} 2\n'
+    "# TYPE kubetune_finetunejob_gpu_seconds_total counter\n"
+    f'kubetune_finetunejob_gpu_seconds_total{{namespace="{NAMESPACE}",finetunejob="{FINETUNEJOB}"}} 7200\n'
+    "# TYPE kubetune_finetunejob_lost_work_gpu_seconds_total counter\n"
+    f'kubetune_finetunejob_lost_work_gpu_seconds_total{{namespace="{NAMESPACE}",finetunejob="{FINETUNEJOB}"}} 360\n'
+    + _histogram("kubetune_operator_reconcile_duration_seconds", 'handler="create"')
 )
 
 

@@ -61,7 +61,10 @@ def run(config: TrainerConfig, environment: TrainerEnvironment | None = None) ->
         else:
             recipe.report_published()
     except BaseException as error:
-        return recipe.fail(error)
+        code = recipe.fail(error)
+        if metrics is not None and code in (ExitCode.NUMERIC_ERROR, ExitCode.DIVERGED):
+            metrics.linger(config.runtime.metrics_linger_seconds)
+        return code
     finally:
         recipe.cleanup()
     return ExitCode.SUCCESS

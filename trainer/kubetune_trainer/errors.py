@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from kubetune_api.exitcodes import REASONS, ExitCode
+from kubetune_api.quality import EvaluationReport
 from kubetune_api.runtime import TrainerEnvironment
 
 OOM_ADVICE = (
@@ -46,6 +47,15 @@ class ModelError(TrainerError):
 
 class NumericError(TrainerError):
     exit_code = ExitCode.NUMERIC_ERROR
+
+
+class DivergedError(TrainerError):
+    exit_code = ExitCode.DIVERGED
+
+
+class EvaluationGateError(TrainerError):
+    exit_code = ExitCode.EVALUATION_GATE_FAILED
+    report: EvaluationReport | None = None
 
 
 class OutOfMemoryError(TrainerError):

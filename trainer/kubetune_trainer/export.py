@@ -3,11 +3,13 @@ the optional merged model. ``storage.publish`` uploads them."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from kubetune_api.runtime import TrainerConfig
+from kubetune_api.serving import AdapterFacts
 from kubetune_trainer import model
 
 
@@ -18,6 +20,22 @@ def save_adapter(peft_model: Any, tokenizer: Any, adapter_dir: Path) -> None:
     adapter_dir.mkdir(parents=True)
     peft_model.save_pretrained(adapter_dir, safe_serialization=True)
     tokenizer.save_pretrained(adapter_dir)
+
+
+def adapter_facts(adapter_dir: Path, peft_model: Any) -> AdapterFacts:
+    """What the serving check needs, read back from the saved adapter_config.json and the base model's config."""
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    targets = saved.get("target_modules") or []
+    base_config = peft_model.get_base_model().config
+    architectures = getattr(base_config, "architectures", None) or []
+    rows = int(peft_model.get_input_embeddings().weight.shape[0])
+    return AdapterFacts(
+        rank=int(saved.get("r") or 1),
+        target_modules=sorted(targets if isinstance(targets, list) else [targets]),
+        modules_to_save=sorted(saved.get("modules_to_save") or []),
+        architecture=architectures[0] if architectures else None,
+        tokenizer_changed=rows != int(getattr(base_config, "vocab_size", rows)),
+    )
 
 
 def save_merged(files: model.ModelFiles, adapter_dir: Path, merged_dir: Path, config: TrainerConfig) -> None:

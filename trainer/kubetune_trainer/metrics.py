@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -116,6 +117,8 @@ class TrainerMetrics:
         self.progress = gauge(TrainerMetric.PROGRESS, "Share of the run done (0..1).")
         self.loss = gauge(TrainerMetric.LOSS, "Mean training loss over the latest log interval.", initial=False)
         self.eval_loss = gauge(TrainerMetric.EVAL_LOSS, "Loss on the evaluation set at the latest evaluation.", initial=False)
+        self.base_eval_loss = gauge(TrainerMetric.BASE_EVAL_LOSS, "Loss of the base model on the evaluation set, before the first step.", initial=False)
+        self.diverged = gauge(TrainerMetric.DIVERGED, "1 once the smoothed training loss has diverged (spec.training.divergence), else 0.")
         self.learning_rate = gauge(TrainerMetric.LEARNING_RATE, "Current learning rate.", initial=False)
         self.tokens_per_second = gauge(
             TrainerMetric.TOKENS_PER_SECOND, "Trained (non-padding) tokens per second in this pod over the latest log interval.", initial=False
@@ -166,3 +169,8 @@ class TrainerMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+    def linger(self, seconds: float) -> None:
+        """Keep serving for ``seconds`` after a run that the loss stopped, so Prometheus scrapes the final loss."""
+        if self._server is not None and seconds > 0:
+            time.sleep(seconds)

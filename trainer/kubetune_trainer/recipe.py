@@ -17,13 +17,15 @@ import torch
 
 from kubetune_api import layout
 from kubetune_api.exitcodes import ExitCode
+from kubetune_api.quality import EvaluationReport
 from kubetune_api.recipe import OutputSpec, Precision
 from kubetune_api.result import CheckpointRef, PreparationReport, SkippedCheckpoint, TerminationMessage, TrainingResult
 from kubetune_api.runtime import TrainerConfig, TrainerEnvironment
-from kubetune_trainer import disk, distributed, export, local_checkpoints, logs, model, result, training
+from kubetune_trainer import disk, distributed, evaluation, export, local_checkpoints, log_archive, logs, model, result, training
 from kubetune_trainer.data.prepare import prepare_data
 from kubetune_trainer.distributed import Context
-from kubetune_trainer.errors import Interrupted, classify
+from kubetune_trainer.divergence import DivergenceWatch
+from kubetune_trainer.errors import DivergedError, Interrupted, TrainerError, classify
 from kubetune_trainer.local_checkpoints import TrainingState
 from kubetune_trainer.loss import LossModel
 from kubetune_trainer.metrics import TrainerMetrics, resident_memory
@@ -75,6 +77,9 @@ class LoRARecipe:
         self.tokenized = True
         self.data_seconds: float | None = None
         self.dataset_sha256: str | None = None
+        self.watch = DivergenceWatch(config.training.divergence)
+        self.base_eval_loss: float | None = None
+        self.log_archive = log_archive.attach() if ctx.is_main else None
         self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
         self._pending_upload: Future[CheckpointRef] | None = None
         # Bound by setup(), not here: that is where a run can first fail, and a failure is reported through this object.
@@ -124,6 +129,8 @@ class LoRARecipe:
         self.total_steps = training.total_steps(config.training, self.stream.batches_per_epoch)
         self.scheduler = training.build_scheduler(config.training, self.optimizer, self.total_steps)
         self.state = self._resume(found)
+        self.watch.replay(self.state.losses)
+        self._measure_base()
         logs.event(
             "training started",
             step=self.state.step,
@@ -213,6 +220,16 @@ class LoRARecipe:
         logs.event("resumed from checkpoint", step=found.step, uri=found.uri)
         return state
 
+    def _measure_base(self) -> None:
+        """Eval loss of the base model before the first step: the baseline of the evaluation gate."""
+        self.base_eval_loss = evaluation.base_eval_loss(self.peft_model, self.model, self.eval_batches, ctx=self.ctx, precision=self.precision)
+        if self.base_eval_loss is None:
+            return
+        if self.metrics is not None:
+            self.metrics.set(self.metrics.base_eval_loss, self.base_eval_loss)
+        if self.ctx.is_main:
+            logs.event("base evaluation", eval_loss=self.base_eval_loss)
+
     def _set_static_metrics(self) -> None:
         if self.metrics is None:
             return
@@ -277,6 +294,19 @@ class LoRARecipe:
                 tokens=p.tokens,
                 eta_seconds=round(p.eta_seconds, 1),
             )
+        self._watch_divergence(p)
+
+    def _watch_divergence(self, p: training.Progress) -> None:
+        """Every rank sees the same reduced loss, so every rank stops together; no checkpoint of the diverged state is taken."""
+        found = self.watch.observe(p.step, p.loss)
+        if found is None:
+            return
+        if self.metrics is not None:
+            self.metrics.set(self.metrics.diverged, 1)
+        if self.ctx.is_main:
+            logs.event("loss diverged", level=30, step=found.step, action=found.spec.on_divergence.value, advice=found.describe())
+        if found.stops:
+            raise DivergedError(found.describe() + " The run stopped; its last good checkpoint is kept.")
 
     def on_memory_adjustment(self, adjustment: training.MemoryAdjustment) -> None:
         if self.metrics is not None:
@@ -323,6 +353,7 @@ class LoRARecipe:
             m.upload_seconds.labels(**m.labels).observe(seconds)
             m.set(m.last_checkpoint_step, step)
         logs.event("checkpoint uploaded", step=step, uri=uploaded.uri, seconds=round(seconds, 3), deleted_steps=pruned)
+        self._upload_log()
         return uploaded
 
     def _wait_for_upload(self) -> None:
@@ -333,18 +364,37 @@ class LoRARecipe:
     # ---- save: adapter, publication, result -----------------------------------------------------
 
     def save(self, outcome: training.Outcome) -> None:
-        """Rank 0 saves and publishes the adapter (and the merged model when asked); every pod reports."""
-        published = self._publish(outcome) if self.ctx.is_main else None
+        """Rank 0 saves and publishes the adapter (and the merged model when asked); every pod reports.
+
+        An adapter that fails spec.evaluation is kept under the run's rejected folder instead, and the run fails.
+        """
+        report = evaluation.judge(self.config.evaluation, self.base_eval_loss, outcome.eval_loss)
+        if evaluation.failed(report):
+            assert report is not None
+            kept = (
+                evaluation.keep_rejected(self.run_files, self.peft_model, self.tokenizer, self.output_dir, self._manifest(outcome, report.to_api()))
+                if self.ctx.is_main
+                else None
+            )
+            distributed.barrier(self.ctx)
+            raise evaluation.rejected(report, kept)
+        published = self._publish(outcome, report.to_api() if report else None) if self.ctx.is_main else None
         distributed.barrier(self.ctx)
         if self.ctx.is_local_main:
-            self._report_success(outcome, published)
+            self._report_success(outcome, published, report)
 
-    def _publish(self, outcome: training.Outcome) -> PublishResult:
+    def _manifest(self, outcome: training.Outcome, report: dict[str, Any] | None) -> dict[str, Any]:
+        state = outcome.state
+        manifest = run_manifest(
+            self.config, steps=state.step, tokens=state.tokens, final_loss=outcome.final_loss, eval_loss=outcome.eval_loss, losses=state.losses
+        )
+        return {**manifest, "evaluation": report}
+
+    def _publish(self, outcome: training.Outcome, report: dict[str, Any] | None) -> PublishResult:
         config = self.config
         adapter_dir = self.output_dir / layout.ADAPTER_FOLDER
         export.save_adapter(self.peft_model, self.tokenizer, adapter_dir)
-        state = outcome.state
-        manifest = run_manifest(config, steps=state.step, tokens=state.tokens, final_loss=outcome.final_loss, eval_loss=outcome.eval_loss, losses=state.losses)
+        manifest = self._manifest(outcome, report)
         # Provenance: exactly which base model and data went in (the data cache key covers the dataset digest).
         manifest["baseModel"]["resolvedRevision"] = self.files.resolved or getattr(getattr(self.peft_model, "config", None), "_commit_hash", None)
         manifest["dataset"]["contentSha256"] = self.dataset_sha256
@@ -358,7 +408,7 @@ class LoRARecipe:
             self.last_checkpoint = None
         return done.adapter
 
-    def _report_success(self, outcome: training.Outcome, published: PublishResult | None) -> None:
+    def _report_success(self, outcome: training.Outcome, published: PublishResult | None, report: EvaluationReport | None) -> None:
         ctx = self.ctx
         peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else resident_memory()
         # Only the pod of rank 0 published; the others report success without a result.
@@ -378,11 +428,12 @@ class LoRARecipe:
                 data_seconds=self.data_seconds,
                 micro_batch=outcome.micro_batch,
                 oom_adjustments=len(outcome.adjustments),
+                adapter=export.adapter_facts(self.output_dir / layout.ADAPTER_FOLDER, self.peft_model),
             )
             if published is not None
             else None
         )
-        message = TerminationMessage.succeeded(trained, self.last_checkpoint).model_copy(update={"preparation": self.preparation})
+        message = TerminationMessage.succeeded(trained, self.last_checkpoint, report).model_copy(update={"preparation": self.preparation})
         result.report_success(message, self.config.runtime.termination_message_path)
 
     def report_published(self) -> None:
@@ -399,8 +450,21 @@ class LoRARecipe:
         failure = disk.full(error, self.work_dir) or classify(error)
         return result.report_failure(failure, self.last_checkpoint, path, self.environment)
 
+    def _upload_log(self) -> None:
+        """Rank 0's log next to the checkpoints; a failed upload is logged, never fatal."""
+        store: S3Store | None = getattr(self, "store", None)
+        if self.log_archive is None or store is None:
+            return
+        key = log_archive.key_for(self.config.run_prefix, self.environment.pod_name)
+        try:
+            self.log_archive.upload(store, key)
+        except (TrainerError, OSError) as error:
+            logs.event("trainer log upload failed", level=30, key=key, error=str(error))
+
     def cleanup(self) -> None:
         self._uploads.shutdown(wait=True, cancel_futures=True)
+        self._upload_log()
+        log_archive.detach(self.log_archive)
         if self.metrics is not None:
             self.metrics.stop()
         distributed.shutdown(self.ctx)

@@ -9,12 +9,13 @@ from kubetune_api.exitcodes import ExitCode
 from kubetune_api.result import CheckpointRef, TerminationMessage
 from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer import logs
-from kubetune_trainer.errors import TrainerError, redact
+from kubetune_trainer.errors import EvaluationGateError, TrainerError, redact
 
 
 def failure(error: TrainerError, last_checkpoint: CheckpointRef | None, environment: TrainerEnvironment | None = None) -> TerminationMessage:
     """The message of a failed run: its reason, exit code and the advice, credentials redacted."""
-    return TerminationMessage.failed(error.exit_code, redact(error.message, environment), last_checkpoint)
+    report = error.report if isinstance(error, EvaluationGateError) else None
+    return TerminationMessage.failed(error.exit_code, redact(error.message, environment), last_checkpoint, report)
 
 
 def write(path: str, message: TerminationMessage) -> None:

@@ -307,11 +307,6 @@ def train(
         stop = any_true(hooks.stop_requested(), ctx)
         if log_now or checkpoint_now or stop:
             final_loss, tokens = _reduce_interval(running_loss, interval_tokens, state.step - interval_first_step, ctx)
-            if not math.isfinite(final_loss):
-                raise NumericError(
-                    f"The training loss became {final_loss} at step {state.step}. Lower spec.training.learningRate, "
-                    "keep spec.training.maxGradNorm above 0, or use precision bf16 instead of fp16; check the data for empty or broken records."
-                )
             now = time.monotonic()
             elapsed = max(now - interval_start, 1e-9)
             state.tokens += tokens
@@ -331,6 +326,12 @@ def train(
                     eta_seconds=step_seconds * (steps - state.step),
                 )
             )
+            # Reported before stopping, so the loss gauge (and the KubetuneLossNotFinite alert) shows the NaN.
+            if not math.isfinite(final_loss):
+                raise NumericError(
+                    f"The training loss became {final_loss} at step {state.step}. Lower spec.training.learningRate, "
+                    "keep spec.training.maxGradNorm above 0, or use precision bf16 instead of fp16; check the data for empty or broken records."
+                )
             running_loss.zero_()
             interval_tokens = 0
             interval_start = now

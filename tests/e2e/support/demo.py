@@ -84,6 +84,26 @@ def generations(stack: KubetuneStack, adapter_uri: str) -> tuple[str, str]:
     return without, complete(tuned)
 
 
+def hand_off(status: dict[str, Any]) -> list[str]:
+    """The evaluation gate's verdict and how to serve the adapter, from the FinetuneJob status."""
+    lines: list[str] = []
+    report = status.get("evaluation")
+    if report:
+        lines.append(
+            f"evaluation: base eval loss {report.get('baseEvalLoss', float('nan')):.4f} (perplexity {report.get('basePerplexity', float('nan')):.1f}), "
+            f"adapter {report.get('finalEvalLoss', float('nan')):.4f} (perplexity {report.get('finalPerplexity', float('nan')):.1f}); "
+            f"gate {report.get('gate')}"
+        )
+    serving = (status.get("result") or {}).get("serving")
+    if serving and serving.get("compatible"):
+        lines.append("serve it with vLLM:  vllm serve " + " ".join(serving["vllmArgs"]))
+        lines.append("or with KServe (kubectl apply -f -):")
+        lines.extend("    " + line for line in str(serving.get("kserveInferenceService") or "").splitlines())
+    elif serving:
+        lines.append("vLLM cannot serve this adapter as it is: " + "; ".join(serving.get("reasons") or []))
+    return lines
+
+
 def as_typed(path: Path) -> str:
     """A path as the user would type it from the repository root."""
     try:
@@ -136,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
             return 1
         result = final["result"]
         say(f"adapter: {result['adapterUri']} (manifest sha256 {result.get('manifestSha256')}, {result.get('sizeBytes')} bytes)")
+        for line in hand_off(final):
+            say(line)
         say(f"S3 endpoint: {stack.s3.endpoint_url if stack.s3 else '?'}  bucket: {DEMO_BUCKET}")
         without, with_adapter = generations(stack, result["adapterUri"])
         say(f"prompt:            {PROMPT!r}")

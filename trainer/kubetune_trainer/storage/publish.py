@@ -51,6 +51,11 @@ def publish_adapter(store: S3Store, local_dir: Path, attempt: Attempt, manifest_
     return _publish(store, local_dir, layout.adapter_prefix(attempt.run_prefix), attempt, manifest_extra, kind="AdapterManifest")
 
 
+def publish_rejected(store: S3Store, local_dir: Path, attempt: Attempt, manifest_extra: dict[str, Any]) -> PublishResult:
+    """Keep an adapter that failed the evaluation gate under ``layout.rejected_prefix`` of the attempt's run, never where adapters are published."""
+    return _publish(store, local_dir, layout.rejected_prefix(attempt.run_prefix), attempt, manifest_extra, kind="RejectedAdapterManifest")
+
+
 def publish_merged(store: S3Store, local_dir: Path, attempt: Attempt, manifest_extra: dict[str, Any]) -> PublishResult:
     """Upload the merged model in ``local_dir`` to ``layout.merged_prefix`` of the attempt's run, same manifest scheme."""
     return _publish(store, local_dir, layout.merged_prefix(attempt.run_prefix), attempt, manifest_extra, kind="MergedModelManifest")

@@ -22,7 +22,7 @@ from kubetune_trainer.storage import checkpoints
 from kubetune_trainer.storage.checkpoints import ResumePoint
 from kubetune_trainer.storage.errors import StorageError
 from kubetune_trainer.storage.fencing import Attempt
-from kubetune_trainer.storage.publish import PublishResult, point_latest, publish_adapter, publish_merged, published_result
+from kubetune_trainer.storage.publish import PublishResult, point_latest, publish_adapter, publish_merged, publish_rejected, published_result
 from kubetune_trainer.storage.store import S3Store
 
 
@@ -71,7 +71,12 @@ class RunFiles:
         """Upload and commit a checkpoint, then delete those older than the newest keepCheckpoints; returns it and the deleted steps."""
         uri = checkpoints.upload_checkpoint(self.store, local, self.attempt, step, meta)
         pruned = checkpoints.prune(self.store, self.attempt, self.config.output.keep_checkpoints)
-        return CheckpointRef(step=step, uri=uri), pruned
+        # The time lets the operator count the work an attempt that fails later loses (status.usage).
+        return CheckpointRef(step=step, uri=uri, time=datetime.now(UTC).replace(microsecond=0)), pruned
+
+    def keep_rejected(self, adapter_dir: Path, manifest: dict[str, Any]) -> PublishResult:
+        """Keep an adapter that failed the evaluation gate in the run's rejected folder; nothing is published."""
+        return publish_rejected(self.store, adapter_dir, self.attempt, manifest)
 
     def publish(self, adapter_dir: Path, merged_dir: Path | None, manifest: dict[str, Any]) -> Publication:
         adapter = publish_adapter(self.store, adapter_dir, self.attempt, manifest)

@@ -1,0 +1,64 @@
+"""GPU time over all attempts from pod timestamps, the work lost to restarts, and its operator metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kubetune_operator.metrics import OperatorMetrics
+from kubetune_operator.status import compute_status
+from tests.unit.test_status import ftj, job, observe, pod
+
+pytestmark = pytest.mark.unit
+
+
+def ended(started: str, finished: str, code: int, checkpoint_time: str | None = None) -> dict[str, Any]:
+    import json
+
+    message: dict[str, Any] = {"status": "Failed" if code else "Succeeded", "reason": "RuntimeError" if code else "Succeeded", "exitCode": code}
+    if checkpoint_time is not None:
+        message["lastCheckpoint"] = {"step": 20, "uri": "s3://a/step-20/", "time": checkpoint_time}
+    return {"terminated": {"exitCode": code, "reason": "Error", "startedAt": started, "finishedAt": finished, "message": json.dumps(message)}}
+
+
+def test_gpu_seconds_sum_every_attempt_and_count_the_lost_work() -> None:
+    first = pod("Failed", name="a-1", created="2026-11-27T07:00:00Z", state=ended("2026-11-27T07:00:00Z", "2026-11-27T07:10:00Z", 1, "2026-11-27T07:08:00Z"))
+    second = pod("Running", name="a-2", created="2026-11-27T07:10:05Z", state={"running": {"startedAt": "2026-11-27T07:50:00Z"}})
+    status = compute_status(ftj(resources={"gpus": 2}), observe(job=job(active=1, failed=1), pods=[first, second]))
+    usage = status["usage"]
+    # 2 GPUs x 600 s, plus 2 GPUs x 600 s running until NOW (08:00).
+    assert usage["gpuSeconds"] == 2400.0
+    # The first attempt's two minutes after its checkpoint at 07:08 are done again.
+    assert usage["lostGpuSeconds"] == 240.0
+    assert [a["pod"] for a in usage["attempts"]] == ["a-1", "a-2"]
+
+
+def test_an_attempt_without_a_checkpoint_loses_all_its_time() -> None:
+    failed = pod("Failed", name="a-1", state=ended("2026-11-27T07:00:00Z", "2026-11-27T07:01:40Z", 1))
+    usage = compute_status(ftj(resources={"gpus": 1}), observe(job=job(failed=1), pods=[failed]))["usage"]
+    assert usage["gpuSeconds"] == 100.0 and usage["lostGpuSeconds"] == 100.0
+
+
+def test_attempts_whose_pods_are_gone_stay_counted() -> None:
+    first = pod("Failed", name="a-1", state=ended("2026-11-27T07:00:00Z", "2026-11-27T07:10:00Z", 1, "2026-11-27T07:10:00Z"))
+    before = compute_status(ftj(), observe(job=job(failed=1), pods=[first]))
+    second = pod("Running", name="a-2", state={"running": {"startedAt": "2026-11-27T07:55:00Z"}})
+    after = compute_status(ftj(before), observe(job=job(active=1), pods=[second]))
+    assert after["usage"]["gpuSeconds"] == 600.0 + 300.0 and [a["pod"] for a in after["usage"]["attempts"]] == ["a-1", "a-2"]
+
+
+def test_a_pod_that_has_not_started_counts_nothing() -> None:
+    status = compute_status(ftj(), observe(job=job(active=1), pods=[pod("Pending", node=None)]))
+    assert "usage" not in status
+
+
+def test_operator_metrics_export_gpu_seconds_per_job() -> None:
+    metrics = OperatorMetrics()
+    metrics.usage.set("team-a", "llama", {"usage": {"gpuSeconds": 2400.0, "lostGpuSeconds": 240.0}})
+    metrics.usage.set("team-a", "gone", {"usage": {"gpuSeconds": 1.0}})
+    metrics.usage.forget("team-a", "gone")
+    body = metrics.exposition().decode()
+    assert 'kubetune_finetunejob_gpu_seconds_total{finetunejob="llama",namespace="team-a"} 2400.0' in body
+    assert 'kubetune_finetunejob_lost_work_gpu_seconds_total{finetunejob="llama",namespace="team-a"} 240.0' in body
+    assert '"gone"' not in body
