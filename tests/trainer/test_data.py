@@ -205,8 +205,9 @@ def expect_data_error(config: TrainerConfig, tokenizer: Any) -> str:
 
 def test_missing_field_is_named_with_the_fields_present(tmp_path: Path, tokenizer: Any) -> None:
     message = expect_data_error(make_config(SAMPLES / "instructions.jsonl", tmp_path, format="text"), tokenizer)
-    assert "no field 'text'" in message
-    assert "fields present: prompt, response, system" in message
+    # The first record lacks the field; it is named by its file and line, with the fields that line has.
+    assert "instructions.jsonl line 1 has no field 'text'" in message
+    assert "fields present: prompt, response." in message
 
 
 def test_empty_dataset_is_a_data_error(tmp_path: Path, tokenizer: Any) -> None:

@@ -76,14 +76,18 @@ def _required_fields(spec: DatasetSpec) -> list[str]:
     return [spec.chat.messages_field]
 
 
+def _absent_field(where: str, field: str, present: Iterable[str]) -> DataError:
+    return DataError(
+        f"{where} has no field '{field}'; fields present: {', '.join(present) or 'none'}. "
+        "Rename the field in the data or point spec.dataset at the right one (textField, instruction.*Field, chat.messagesField)"
+    )
+
+
 def _row_batches(records: datasets.Dataset, fields: list[str], shown_as: str) -> Iterable[tuple[int, dict[str, list[Any]]]]:
     present = list(records.column_names)
     for field in fields:
         if field not in present:
-            raise DataError(
-                f"dataset {shown_as} has no field '{field}'; fields present: {', '.join(present) or 'none'}. "
-                "Rename the field in the data or point spec.dataset at the right one (textField, instruction.*Field, chat.messagesField)"
-            )
+            raise _absent_field(f"dataset {shown_as}", field, present)
     columns = records.select_columns(fields)
     for start in range(0, len(columns), BATCH):
         yield start, columns[start : start + BATCH]
@@ -103,6 +107,11 @@ def _where(index: int | str) -> str:
 
 def check_record(record: Mapping[str, Any], spec: DatasetSpec, where: str) -> None:
     """Raise a DataError naming ``where`` when a raw record cannot be read in the format of ``spec``."""
+    # The system field may be absent from a record; every other field the format reads must be there.
+    optional = spec.instruction.system_field if spec.format is DatasetFormat.INSTRUCTION else None
+    for field in _required_fields(spec):
+        if field not in record and field != optional:
+            raise _absent_field(where, field, record)
     if spec.format is DatasetFormat.TEXT:
         _string(record.get(spec.text_field), where, spec.text_field)
     elif spec.format is DatasetFormat.INSTRUCTION:
