@@ -88,6 +88,23 @@ def test_a_namesake_trains_from_the_start_and_leaves_the_earlier_adapter_alone(
     assert json_object(store, layout.latest_key("runs/team-a/namesake"))["runUid"] == "uid-second"
 
 
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (the trainer runs under its output-redacting launcher)."""
+    tree, queue = [], [pid]
+    while queue:
+        current = queue.pop(0)
+        tree.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            queue += [int(child) for child in task.read_text().split()]
+    return tree
+
+
+def _signal_pod(pid: int, sig: signal.Signals) -> None:
+    """What a frozen node does to a pod: every one of its processes gets ``sig``, not only the first."""
+    for each in _process_tree(pid):
+        os.kill(each, sig)
+
+
 def test_two_attempts_on_one_run_the_stale_one_is_refused(
     tiny_model_dir: Path, memorise_jsonl: Path, s3_server: MotoS3Server, s3_bucket: str, tmp_path: Path
 ) -> None:
@@ -107,7 +124,7 @@ def test_two_attempts_on_one_run_the_stale_one_is_refused(
             if '"checkpoint uploaded"' in line:
                 break
         assert any('"checkpoint uploaded"' in line for line in lines), "".join(lines)[-4000:]
-        os.kill(stale.pid, signal.SIGSTOP)
+        _signal_pod(stale.pid, signal.SIGSTOP)
 
         survivor = run_trainer(fresh_pod(config, tmp_path / "b"), trainer_env(s3_server, KUBETUNE_POD_UID="pod-uid-b"), tmp_path / "b")
         assert survivor.returncode == 0, survivor.stderr[-4000:]
@@ -117,7 +134,7 @@ def test_two_attempts_on_one_run_the_stale_one_is_refused(
         manifest_key = layout.join_key(layout.adapter_prefix(run_prefix(config)), layout.MANIFEST)
         published = store.get_bytes(manifest_key)
     finally:
-        os.kill(stale.pid, signal.SIGCONT)
+        _signal_pod(stale.pid, signal.SIGCONT)
     _, rest = stale.communicate(timeout=240)
     watchdog.cancel()
     run = collect(stale.returncode, "".join(lines) + rest, Path(stale_config["runtime"]["terminationMessagePath"]))
