@@ -76,7 +76,8 @@ def test_cpu_lora_job_succeeds_with_adapter_in_s3(stack: Stack) -> None:
     assert status["phase"] == "Succeeded", status
     assert status["progress"]["percent"] == 100 and status["progressText"] == "100%"
     assert status["progress"]["step"] == body["spec"]["training"]["maxSteps"]
-    assert status["result"]["adapterUri"].endswith(f"/{stack.settings.jobs_namespace}/tiny-lora/adapter/")
+    # Each run publishes into its own folder, named by the FinetuneJob's uid.
+    assert status["result"]["adapterUri"].endswith(f"/{stack.settings.jobs_namespace}/tiny-lora/runs/{job['metadata']['uid']}/adapter/")
     assert adapter_is_complete(stack, status["result"]["adapterUri"])
     # The example's gate compared the adapter with the base model; the hand-off says how vLLM serves it.
     assert status["evaluation"]["gate"] == "Passed" and status["evaluation"]["finalEvalLoss"] < status["evaluation"]["baseEvalLoss"]
