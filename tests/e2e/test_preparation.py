@@ -64,7 +64,7 @@ def test_a_bad_dataset_line_fails_in_preparing_and_no_trainer_job_is_made(stack:
     body["metadata"]["name"] = "bad-line"
     stack.apply(body)
     _, message = failed_before_training(stack, "bad-line", "DataError")
-    assert f"s3://{DEMO_BUCKET}/datasets/bad.jsonl line 3: field 'text' is missing" in message
+    assert f"s3://{DEMO_BUCKET}/datasets/bad.jsonl line 3 has no field 'text'; fields present: txt" in message
 
 
 def test_an_auto_fit_job_that_cannot_fit_ends_does_not_fit(stack: Stack) -> None:

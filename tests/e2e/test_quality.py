@@ -45,11 +45,12 @@ def test_a_diverging_run_stops_with_the_condition_and_an_event(stack: Stack) -> 
 
 def test_an_adapter_that_fails_the_gate_is_not_published(stack: Stack) -> None:
     stack.apply(named(stack.example("tiny-cpu-lora.yaml", evaluation={"maxEvalLoss": 0.0001}), "tiny-gated"))
-    status = stack.wait_for_phase("tiny-gated", {"Succeeded", "Failed"}, timeout=FINISH_SECONDS)["status"]
+    job = stack.wait_for_phase("tiny-gated", {"Succeeded", "Failed"}, timeout=FINISH_SECONDS)
+    status = job["status"]
     failed = condition(status, "Failed")
     assert status["phase"] == "Failed" and failed is not None and failed["reason"] == "EvaluationGateFailed", status
     report = status["evaluation"]
     assert report["gate"] == "Failed" and report["finalEvalLoss"] < report["baseEvalLoss"]
     assert f"{report['finalEvalLoss']:.4f}" in failed["message"] and "maxEvalLoss" in failed["message"]
-    assert report["rejectedUri"].endswith("/tiny-gated/rejected/") and "result" not in status
+    assert report["rejectedUri"].endswith(f"/tiny-gated/runs/{job['metadata']['uid']}/rejected/") and "result" not in status
     stack.wait_for(lambda: "EvaluationGateFailed" in event_reasons(stack, "tiny-gated"), 60, "the EvaluationGateFailed Event")
