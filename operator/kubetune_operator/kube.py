@@ -1,5 +1,5 @@
-"""Every call the operator makes to the Kubernetes API: apply children, patch Jobs and status, read Secret keys,
-post Events. Each write is counted in kubetune_operator_api_writes_total.
+"""Every call the operator makes to the Kubernetes API: create and apply children, patch Jobs and status, read
+Secret keys, post Events. Each write is counted in kubetune_operator_api_writes_total.
 
 Responses are decoded from the raw body (``_preload_content=False``): building the client's models would cost
 more than the call.
@@ -72,19 +72,43 @@ class Kube:
         self.networking = client.NetworkingV1Api(api_client)
         self.metrics = metrics
         self.instance = instance or socket.gethostname()
-        self._children: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
-            "ConfigMap": (self.core.read_namespaced_config_map, self.core.patch_namespaced_config_map),
-            "Service": (self.core.read_namespaced_service, self.core.patch_namespaced_service),
-            "Job": (self.batch.read_namespaced_job, self.batch.patch_namespaced_job),
-            "NetworkPolicy": (self.networking.read_namespaced_network_policy, self.networking.patch_namespaced_network_policy),
+        # kind -> (create, read, patch)
+        self._children: dict[str, tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]] = {
+            "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map, self.core.patch_namespaced_config_map),
+            "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service, self.core.patch_namespaced_service),
+            "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job, self.batch.patch_namespaced_job),
+            "NetworkPolicy": (
+                self.networking.create_namespaced_network_policy,
+                self.networking.read_namespaced_network_policy,
+                self.networking.patch_namespaced_network_policy,
+            ),
         }
 
     def _wrote(self, verb: str, resource: str) -> None:
         self.metrics.api_writes.labels(verb=verb, resource=resource).inc()
 
+    def create(self, manifest: Obj) -> bool:
+        """Create a child that is not there yet; False, and nothing written, when an object holds its name (409).
+
+        One call for the common case, a new FinetuneJob: a create cannot write over anything, so the ownership check
+        (a read) is needed only when the name is taken. Later changes are server-side applies (``apply``).
+        """
+        create, _, _ = self._children[manifest["kind"]]
+        meta = manifest["metadata"]
+        try:
+            create(meta["namespace"], manifest, field_manager=FIELD_MANAGER, _preload_content=False)
+        except ApiException as error:
+            if error.status == 409:
+                return False
+            raise
+        self._wrote("create", manifest["kind"].lower())
+        if manifest["kind"] == "Job":
+            self.metrics.jobs_created.labels(namespace=meta["namespace"]).inc()
+        return True
+
     def read(self, manifest: Obj) -> Obj | None:
         """The object named like ``manifest`` (same kind, namespace and name), or None when there is none."""
-        read, _ = self._children[manifest["kind"]]
+        _, read, _ = self._children[manifest["kind"]]
         meta = manifest["metadata"]
         try:
             return _decode(read(meta["name"], meta["namespace"], _preload_content=False))
@@ -93,22 +117,15 @@ class Kube:
                 return None
             raise
 
-    def apply(self, manifest: Obj, uid: str | None = None) -> Obj:
-        """Server-side apply of a child with the operator's field manager; with ``uid``, only onto that object.
-
-        With ``uid`` the apiserver answers 409 when no object has it and 422 when another object holds the name, and
-        conflicts with other managers are overridden: the object is this FinetuneJob's. Without, the object is new,
-        and an object someone made since it was found absent answers 409 where it holds a field this sets.
-        """
-        _, patch = self._children[manifest["kind"]]
+    def apply(self, manifest: Obj, uid: str) -> Obj:
+        """Server-side apply of a child onto the object with ``uid``, which this FinetuneJob owns, with the operator's
+        field manager: the apiserver answers 409 when no object has the uid and 422 when another object holds the
+        name, and conflicts with other managers are overridden."""
+        _, _, patch = self._children[manifest["kind"]]
         meta = manifest["metadata"]
-        body = manifest if uid is None else {**manifest, "metadata": {**meta, "uid": uid}}
-        response = patch(
-            meta["name"], meta["namespace"], body, field_manager=FIELD_MANAGER, force=uid is not None, _content_type=APPLY_PATCH, _preload_content=False
-        )
+        body = {**manifest, "metadata": {**meta, "uid": uid}}
+        response = patch(meta["name"], meta["namespace"], body, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY_PATCH, _preload_content=False)
         self._wrote("apply", manifest["kind"].lower())
-        if manifest["kind"] == "Job" and response.status == 201:
-            self.metrics.jobs_created.labels(namespace=meta["namespace"]).inc()
         return _decode(response)
 
     def patch_job_spec(self, namespace: str, name: str, uid: str, spec: Obj) -> bool:

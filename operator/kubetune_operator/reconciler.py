@@ -143,8 +143,9 @@ class Reconciler:
     # ---------------------------------------------------------------- children
 
     def _create(self, key: Key, body: Obj, ftj: api.FinetuneJob, watched: Watched) -> None:
-        """Create the children once the referenced Secrets exist and no child's name is taken by an object another
-        FinetuneJob or a user owns. Every name is checked before anything is written."""
+        """Create the children, in order, once the referenced Secrets exist. A name that is taken is read and checked:
+        a child this FinetuneJob controls is brought to the spec; one another FinetuneJob or a user owns is left alone,
+        and nothing after it is made (the children made before it are this FinetuneJob's, and go with it)."""
         secret = self._missing_secret(ftj)
         if secret is not None:
             self.update(key, watched, missing_secret=secret)
@@ -152,25 +153,29 @@ class Reconciler:
         preparation = self._preparation(key, ftj, watched)
         if preparation is not None and ftj.spec.training.auto_fit and preparation.fit is not None and not preparation.fit.fits:
             return  # DoesNotFit: the status says so, and no GPU is ever requested
-        children = manifests.build_children(ftj, self.settings, preparation, self.gpu_memory(ftj, watched))
-        found = [self.kube.read(child) for child in children]
-        for child, existing in zip(children, found, strict=True):
+        for child in manifests.build_children(ftj, self.settings, preparation, self.gpu_memory(ftj, watched)):
+            # A new Job's watch event triggers the first status; this thread is free for the next FinetuneJob.
+            if not self.kube.create(child):
+                self._reuse(key, body, ftj, watched, child)
+
+    def _reuse(self, key: Key, body: Obj, ftj: api.FinetuneJob, watched: Watched, child: Obj) -> None:
+        """A child's name is taken: bring the object to ``child`` if this FinetuneJob controls it, else refuse."""
+        existing = self.kube.read(child)
+        if existing is None:
+            taken: str | None = f"{child['kind']} {ftj.metadata.namespace}/{child['metadata']['name']} is being deleted; it is made again once it is gone"
+        else:
             taken = name_taken(ftj, child, existing)
-            if taken is not None:
-                self.update(key, watched, name_taken=taken)
-                raise kopf.TemporaryError(taken, delay=self.settings.conflict_retry_seconds)
-        for child, existing in zip(children, found, strict=True):
-            if existing is None:
-                # A new Job's watch event triggers the first status; this thread is free for the next FinetuneJob.
-                self.kube.apply(child)
-            elif child["kind"] == "Job" and child["metadata"]["name"] == manifests.prepare_job_name(ftj.metadata.name):
-                continue  # the preparation runs once; only the trainer Job follows the spec's mutable fields
-            elif child["kind"] == "Job":
-                # Ours, not in the watch yet. Its pod template is immutable: only the mutable fields can follow the spec.
-                self._update_job(body, ftj, existing, existing.get("spec") or {}, suspended_before=None)
-                self.update(key, watched, job=slim_job(existing))
-            else:
-                self.kube.apply(child, uid=existing["metadata"]["uid"])
+        if taken is not None or existing is None:
+            self.update(key, watched, name_taken=taken)
+            raise kopf.TemporaryError(taken, delay=self.settings.conflict_retry_seconds)
+        if child["kind"] == "Job" and child["metadata"]["name"] == manifests.prepare_job_name(ftj.metadata.name):
+            return  # the preparation runs once; only the trainer Job follows the spec's mutable fields
+        if child["kind"] == "Job":
+            # Ours, not in the watch yet. Its pod template is immutable: only the mutable fields can follow the spec.
+            self._update_job(body, ftj, existing, existing.get("spec") or {}, suspended_before=None)
+            self.update(key, watched, job=slim_job(existing))
+        else:
+            self.kube.apply(child, uid=existing["metadata"]["uid"])
 
     def gpu_memory(self, ftj: api.FinetuneJob, watched: Watched) -> manifests.GpuMemory:
         """Memory of one GPU: spec.resources.gpuMemory, else the smallest nvidia.com/gpu.memory label, else the default."""

@@ -24,15 +24,16 @@ pytestmark = pytest.mark.integration
 CREDENTIALS = {"bucket": "adapters", "credentialsSecret": {"name": "s3-creds"}}
 
 
-def test_a_new_finetunejob_gets_its_children_by_server_side_apply(harness: Harness) -> None:
+def test_a_new_finetunejob_gets_its_children_in_one_write_each(harness: Harness) -> None:
     created = harness.created("fresh", resources={"gpus": 1, "nodes": 2}, preparation={"mode": "InTrainer"})
     uid = created["metadata"]["uid"]
     for kind, name in (("ConfigMap", "fresh-config"), ("Service", "fresh-trainer"), ("Job", "fresh-trainer")):
         child = harness.read(kind, name)
         assert child is not None, f"{kind} {name} was not created"
         assert [(o["kind"], o["uid"], o["controller"]) for o in child["metadata"]["ownerReferences"]] == [("FinetuneJob", uid, True)]
-        assert {(entry["manager"], entry["operation"]) for entry in child["metadata"]["managedFields"]} >= {(FIELD_MANAGER, "Apply")}
-    assert harness.writes("apply", "job") == harness.writes("apply", "configmap") == harness.writes("apply", "service") == 1
+        assert {entry["manager"] for entry in child["metadata"]["managedFields"]} == {FIELD_MANAGER}
+    assert harness.writes("create", "job") == harness.writes("create", "configmap") == harness.writes("create", "service") == 1
+    assert harness.writes("apply", "job") == harness.writes("apply", "configmap") == 0
     harness.job_changed("fresh")
     status = harness.status("fresh")
     assert status["phase"] == "Pending" and status["jobName"] == "fresh-trainer"
@@ -52,6 +53,7 @@ def test_after_a_restart_an_owned_job_is_only_observed(harness: Harness) -> None
         assert after is not None and after["metadata"]["resourceVersion"] == before[kind]["metadata"]["resourceVersion"], f"{kind} was written"  # type: ignore[index]
     # Nothing changed, so the status the earlier process wrote is not written again either.
     assert harness.finetunejob("adopted")["metadata"]["resourceVersion"] == status_version
+    assert harness.writes("create", "job") == harness.writes("create", "configmap") == 0
     assert harness.writes("apply", "job") == harness.writes("apply", "configmap") == harness.writes("patch", "finetunejobs/status") == 0
 
 
