@@ -2,7 +2,8 @@
 Secret keys, post Events. Each write is counted in kubetune_operator_api_writes_total.
 
 Responses are decoded from the raw body (``_preload_content=False``): building the client's models would cost
-more than the call.
+more than the call. Every response is read to its end (``_decode`` or ``_done``), which is what returns its
+connection to the pool: an unread one is dropped, and the next call pays a new TLS handshake.
 """
 
 from __future__ import annotations
@@ -59,7 +60,14 @@ def _message(error: ApiException) -> str:
 
 def _decode(response: Any) -> Obj:
     data: Obj = json.loads(response.data)
+    response.release_conn()
     return data
+
+
+def _done(response: Any) -> None:
+    """Read a response whose body is not needed, so its connection goes back to the pool."""
+    response.drain_conn()
+    response.release_conn()
 
 
 class Kube:
@@ -96,7 +104,7 @@ class Kube:
         create, _, _ = self._children[manifest["kind"]]
         meta = manifest["metadata"]
         try:
-            create(meta["namespace"], manifest, field_manager=FIELD_MANAGER, _preload_content=False)
+            _done(create(meta["namespace"], manifest, field_manager=FIELD_MANAGER, _preload_content=False))
         except ApiException as error:
             if error.status == 409:
                 return False
@@ -132,7 +140,7 @@ class Kube:
         """Merge-patch fields of the Job with this uid (None removes a field); False when it no longer exists."""
         body = {"metadata": {"uid": uid}, "spec": spec}
         try:
-            self.batch.patch_namespaced_job(name, namespace, body, field_manager=FIELD_MANAGER, _content_type=MERGE_PATCH, _preload_content=False)
+            _done(self.batch.patch_namespaced_job(name, namespace, body, field_manager=FIELD_MANAGER, _content_type=MERGE_PATCH, _preload_content=False))
         except ApiException as error:
             if error.status == 404:
                 return False
@@ -148,7 +156,7 @@ class Kube:
         """Delete the Job with this uid, its pods in the background; False when it is gone or another Job holds the name."""
         options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid), propagation_policy="Background")
         try:
-            self.batch.delete_namespaced_job(name, namespace, body=options, _preload_content=False)
+            _done(self.batch.delete_namespaced_job(name, namespace, body=options, _preload_content=False))
         except ApiException as error:
             if error.status in (404, 409):
                 return False
@@ -158,7 +166,7 @@ class Kube:
 
     def patch_status(self, namespace: str, name: str, status: Obj) -> None:
         """Merge-patch a FinetuneJob's status subresource."""
-        self.custom.patch_namespaced_custom_object_status(
+        response = self.custom.patch_namespaced_custom_object_status(
             api.GROUP,
             api.VERSION,
             namespace,
@@ -169,6 +177,7 @@ class Kube:
             _content_type=MERGE_PATCH,
             _preload_content=False,
         )
+        _done(response)
         self._wrote("patch", "finetunejobs/status")
 
     def secret_keys(self, namespace: str, name: str) -> frozenset[str] | None:
@@ -210,7 +219,7 @@ class Kube:
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(meta.get("namespace"), client.CoreV1Event.model_validate(body), _preload_content=False)
+            _done(self.core.create_namespaced_event(meta.get("namespace"), client.CoreV1Event.model_validate(body), _preload_content=False))
         except ApiException as error:
             log.warning("could not post Event %s about %s/%s: %s", event.reason, meta.get("namespace"), meta.get("name"), error.reason)
             return
