@@ -267,20 +267,19 @@ def run_batch(
     print(f"jobs created: {len(watched)}/{count}; missing: {len(missing)}; duplicate Jobs: {sum(v - 1 for v in owners.values() if v > 1)}")
     if watched:
         p50, p99, worst = statistics.median(watched) * 1000, percentile(watched, 0.99) * 1000, max(watched) * 1000
-        print(f"latency by watch (FinetuneJob create returned -> Job seen): p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {worst:.0f} ms")
+        print(f"latency by watch (FinetuneJob create returned -> first Job seen): p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {worst:.0f} ms")
     if stamped:
         p50, p99, worst = statistics.median(stamped), percentile(stamped, 0.99), max(stamped)
         print(f"latency by creationTimestamp (1 s resolution): p50 {p50:.0f} s, p99 {p99:.0f} s, max {worst:.0f} s")
     if audit_log is not None:
         stored = stored_at(audit_log, namespace)
-        audited = [
-            (stored[("jobs", manifests.job_name(n))] - stored[(api.PLURAL, n)]).total_seconds()
-            for n in names
-            if (api.PLURAL, n) in stored and ("jobs", manifests.job_name(n)) in stored
-        ]
+        # The first Job of a FinetuneJob with GPUs is its preparation Job; the trainer Job follows its report.
+        jobs_of = {n: (manifests.prepare_job_name(n), manifests.job_name(n)) for n in names}
+        first_job = {n: min((stored[("jobs", job)] for job in jobs if ("jobs", job) in stored), default=None) for n, jobs in jobs_of.items()}
+        audited = [(job - stored[(api.PLURAL, n)]).total_seconds() for n, job in first_job.items() if job is not None and (api.PLURAL, n) in stored]
         if audited:
             p50, p99, worst = statistics.median(audited) * 1000, percentile(audited, 0.99) * 1000, max(audited) * 1000
-            print(f"latency by audit log (FinetuneJob stored -> Job stored; {len(audited)} pairs): p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {worst:.0f} ms")
+            print(f"latency by audit log (FinetuneJob -> first Job stored; {len(audited)} pairs): p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {worst:.0f} ms")
     print(f"operator handler writes per job (own metric): {(operator_writes(port) - own_before) / count:.2f}")
     print(f"apiserver writes per job on {', '.join(OPERATOR_RESOURCES)} (all clients, minus the benchmark's creates): {sum(per_job.values()):.2f} {per_job}")
 
