@@ -274,9 +274,13 @@ def run_batch(
     if audit_log is not None:
         stored = stored_at(audit_log, namespace)
         # The first Job of a FinetuneJob with GPUs is its preparation Job; the trainer Job follows its report.
-        jobs_of = {n: (manifests.prepare_job_name(n), manifests.job_name(n)) for n in names}
-        first_job = {n: min((stored[("jobs", job)] for job in jobs if ("jobs", job) in stored), default=None) for n, jobs in jobs_of.items()}
-        audited = [(job - stored[(api.PLURAL, n)]).total_seconds() for n, job in first_job.items() if job is not None and (api.PLURAL, n) in stored]
+        first_job: dict[str, datetime] = {}
+        for (resource, job), when in stored.items():
+            # <finetunejob>-prepare or <finetunejob>-trainer (older operators have no preparation Job)
+            owner = job.rsplit("-", 1)[0]
+            if resource == "jobs" and (owner not in first_job or when < first_job[owner]):
+                first_job[owner] = when
+        audited = [(first_job[n] - stored[(api.PLURAL, n)]).total_seconds() for n in names if n in first_job and (api.PLURAL, n) in stored]
         if audited:
             p50, p99, worst = statistics.median(audited) * 1000, percentile(audited, 0.99) * 1000, max(audited) * 1000
             print(f"latency by audit log (FinetuneJob -> first Job stored; {len(audited)} pairs): p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {worst:.0f} ms")
