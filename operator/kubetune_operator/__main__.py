@@ -55,10 +55,11 @@ def main() -> None:
     metrics = OperatorMetrics()
     health = Health()
     registry = kopf.OperatorRegistry()
-    notifier = Notifier(settings.notification_sinks, metrics.registry, signing_key=settings.notification_signing_key)
+    kube = Kube(kube_client(settings), metrics)
+    notifier = Notifier(settings.notification_sinks, metrics.registry, signing_key=settings.notification_signing_key, secret_value=kube.secret_value)
     notifier.start()
     runtime = Runtime(settings=settings, metrics=metrics, health=health, notifier=notifier)
-    register(registry, Reconciler(runtime, Kube(kube_client(settings), metrics)))
+    register(registry, Reconciler(runtime, kube))
     server = MetricsServer(settings.operator_host, settings.operator_port, metrics, health)
     server.start()
     try:

@@ -22,6 +22,8 @@ from kubetune_api.recipe import RECIPE_RULES, Optimizer, Precision, TrainingReci
 from kubetune_api.result import CheckpointRef, PreparationReport, TrainingResult
 from kubetune_api.schema import K8S_NAME_PATTERN, ApiModel, cel, validations
 from kubetune_api.serving import ServingReport
+from kubetune_operator.sinkspec import MAX_SINKS, NOTIFICATIONS_DESCRIPTION, NotificationSink
+from kubetune_operator.usagespec import Usage
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -251,6 +253,7 @@ class FinetuneJobSpec(TrainingRecipe):
         pattern=K8S_NAME_PATTERN,
         description="Kueue LocalQueue to submit the trainer Job to; Kueue then decides when it starts.",
     )
+    notifications: list[NotificationSink] = Field(default_factory=list, max_length=MAX_SINKS, description=NOTIFICATIONS_DESCRIPTION)
 
     def prepares_in_job(self) -> bool:
         """True when a separate CPU Job prepares the data before the trainer Job is created."""
@@ -331,28 +334,13 @@ class Result(TrainingResult):
     serving: ServingReport | None = Field(default=None, description="Whether vLLM can serve the adapter, with the flags and a KServe InferenceService that do.")
 
 
-class AttemptUsage(ApiModel):
-    """GPU time of one trainer pod."""
-
-    pod: str = Field(max_length=253, description="Name of the trainer pod.")
-    gpus: int = Field(ge=0, description="GPUs the pod held.")
-    seconds: float = Field(ge=0, description="How long its trainer container ran.")
-    gpu_seconds: float = Field(ge=0, description="gpus x seconds.")
-    lost_gpu_seconds: float = Field(default=0.0, ge=0, description="GPU-seconds after its newest checkpoint, done again by the next attempt.")
-
-
-class Usage(ApiModel):
-    """GPU time of the FinetuneJob over all its attempts, from pod timestamps."""
-
-    gpu_seconds: float = Field(default=0.0, ge=0, description="GPUs x running time, summed over every trainer pod.")
-    lost_gpu_seconds: float = Field(default=0.0, ge=0, description="GPU-seconds lost to restarts (work after the newest checkpoint of failed attempts).")
-    attempts: list[AttemptUsage] = Field(default_factory=list, max_length=32, description="Per trainer pod, oldest first.")
-
-
 class FinetuneJobStatus(ApiModel):
     """Observed state of a FinetuneJob, computed from its trainer Job, pods and metrics."""
 
     phase: Phase = Field(default=Phase.PENDING, description="Pending, Preparing, Running, Suspended, Succeeded or Failed.")
+    phase_transition_time: datetime | None = Field(
+        default=None, description="When the FinetuneJob entered its current phase; with the UID it identifies the transition in notifications."
+    )
     conditions: list[Condition] = Field(default_factory=list, max_length=16, description="Kubernetes-style conditions.")
     progress: Progress | None = Field(default=None, description="Live training progress.")
     last_checkpoint: CheckpointRef | None = Field(default=None, description="Newest complete checkpoint.")
@@ -363,7 +351,7 @@ class FinetuneJobStatus(ApiModel):
     evaluation: EvaluationReport | None = Field(
         default=None, description="Eval loss of the base model and of the adapter, and the spec.evaluation gate's verdict, once the run ended."
     )
-    usage: Usage | None = Field(default=None, description="GPU time over all attempts and the work lost to restarts.")
+    usage: Usage | None = Field(default=None, description="GPU time over all attempts, the work lost to restarts, and the estimated cost.")
     logs_uri: str | None = Field(
         default=None,
         max_length=2048,

@@ -8,6 +8,7 @@ connection to the pool: an unread one is dropped, and the next call pays a new T
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import socket
@@ -180,8 +181,8 @@ class Kube:
         _done(response)
         self._wrote("patch", "finetunejobs/status")
 
-    def secret_keys(self, namespace: str, name: str) -> frozenset[str] | None:
-        """The key names of a Secret (never its values), or None when it does not exist."""
+    def _secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A Secret's data (base64 values), or None when it does not exist; SecretsForbidden without the right to read it."""
         try:
             response = self.core.read_namespaced_secret(name, namespace, _preload_content=False)
         except ApiException as error:
@@ -190,8 +191,18 @@ class Kube:
             if error.status == 403:
                 raise SecretsForbidden(f"cannot read Secrets in {namespace}") from error
             raise
-        # Only the key names are kept; the raw response is dropped at once.
-        return frozenset((_decode(response).get("data") or {}).keys())
+        return dict(_decode(response).get("data") or {})
+
+    def secret_keys(self, namespace: str, name: str) -> frozenset[str] | None:
+        """The key names of a Secret (never its values), or None when it does not exist."""
+        data = self._secret_data(namespace, name)
+        return None if data is None else frozenset(data)
+
+    def secret_value(self, namespace: str, name: str, key: str) -> str | None:
+        """One value of a Secret (a notification sink's auth header or signing key), or None where the Secret or the
+        key does not exist. The caller puts it in a request header only; it is never logged."""
+        encoded = (self._secret_data(namespace, name) or {}).get(key)
+        return None if encoded is None else base64.b64decode(encoded).decode()
 
     def post_event(self, about: Obj, event: Event) -> None:
         """Post an Event about a FinetuneJob. A lost Event must not fail the reconcile it reports on: logged, not raised."""

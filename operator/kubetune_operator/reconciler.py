@@ -19,7 +19,7 @@ from kubetune_api.result import PreparationReport
 from kubetune_operator import api, manifests
 from kubetune_operator.events import job_update_rejected, suspend_events, transition_events
 from kubetune_operator.kube import Kube, Rejected, SecretsForbidden
-from kubetune_operator.notifications import phase_events
+from kubetune_operator.notifications import job_sinks, phase_events, replayed_events
 from kubetune_operator.progress import ScrapeError, TrainerSample, scrape
 from kubetune_operator.runtime import Key, Obj, Runtime, now
 from kubetune_operator.snapshots import Watched, controller_owner, finished, parse, previous_status, short_errors, slim_job
@@ -307,10 +307,11 @@ class Reconciler:
             job = job or watched.own_job(key, ftj.metadata.uid)
             prepare_job = watched.own_prepare_job(key, ftj.metadata.uid) if ftj.spec.prepares_in_job() else None
             resources = ftj.spec.resources
+            pods = watched.pods(key, job)
             observed = Observed(
                 now=now(),
                 job=job,
-                pods=watched.pods(key, job),
+                pods=pods,
                 sample=sample,
                 missing_secret=missing_secret,
                 name_taken=name_taken,
@@ -318,6 +319,8 @@ class Reconciler:
                 prepare_job=prepare_job,
                 prepare_pods=watched.pods(key, prepare_job),
                 serving=self.settings.serving,
+                gpu_products=watched.gpu_products(pods) if resources.gpus > 0 else {},
+                prices=self.settings.prices,
             )
             new = compute_status(ftj, observed)
             self.runtime.track(key, running=new.get("phase") == api.Phase.RUNNING)
@@ -341,6 +344,10 @@ class Reconciler:
     def _publish(self, key: Key, body: Obj, new: Obj) -> None:
         """Patch the status when it differs from what was last written or observed; post the Events the change calls for."""
         old = self.runtime.written(key) or body.get("status") or {}
+        notifier = self.runtime.notifier
+        if notifier is not None and self.runtime.first_sight(key):
+            # The process before may have written the stored phase and stopped before its sinks got the event.
+            notifier.notify(replayed_events(body, now()), job_sinks(body))
         patch = status_patch(old, new)
         if patch is None:
             return
@@ -350,8 +357,8 @@ class Reconciler:
         self.runtime.metrics.usage.set(key[0], key[1], new)
         for event in transition_events(old, new):
             self.kube.post_event(body, event)
-        if self.runtime.notifier is not None:
-            self.runtime.notifier.notify(phase_events(body, old, new))
+        if notifier is not None:
+            notifier.notify(phase_events(body, old, new), job_sinks(body))
 
     # ---------------------------------------------------------------- progress
 

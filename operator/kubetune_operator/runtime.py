@@ -40,6 +40,8 @@ class Runtime:
     _written: dict[Key, Obj] = field(default_factory=dict)
     _queued: set[Key] = field(default_factory=set)
     _running: set[Key] = field(default_factory=set)
+    # FinetuneJobs whose stored phase this process has announced to the notification sinks.
+    _announced: set[Key] = field(default_factory=set)
     # When each finished trainer Job may be deleted (spec.ttlSecondsAfterFinished); the ticker refreshes them then.
     _expiries: dict[Key, datetime] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -59,6 +61,18 @@ class Runtime:
     def remember(self, key: Key, status: Obj) -> None:
         with self._guard:
             self._written[key] = status
+
+    def _add_new(self, members: set[Key], key: Key) -> bool:
+        """Add ``key`` to ``members``; False when it was there already."""
+        with self._guard:
+            if key in members:
+                return False
+            members.add(key)
+            return True
+
+    def first_sight(self, key: Key) -> bool:
+        """True once per FinetuneJob and process: the first time its status is about to be written here."""
+        return self._add_new(self._announced, key)
 
     def track(self, key: Key, running: bool) -> None:
         """Remember which FinetuneJobs have a running trainer, whose progress the ticker reads."""
@@ -94,11 +108,7 @@ class Runtime:
 
     def queue(self, key: Key) -> bool:
         """Mark a plain refresh of `key` as waiting; False when one is waiting already."""
-        with self._guard:
-            if key in self._queued:
-                return False
-            self._queued.add(key)
-            return True
+        return self._add_new(self._queued, key)
 
     def defer(self, key: Key, refresh: Callable[[], None]) -> None:
         """Run a plain status refresh of ``key`` on the status lane, unless one is already waiting there.
@@ -141,6 +151,7 @@ class Runtime:
             self._queued.discard(key)
             self._running.discard(key)
             self._expiries.pop(key, None)
+            self._announced.discard(key)
 
     @contextmanager
     def timed(self, handler: str) -> Iterator[None]:

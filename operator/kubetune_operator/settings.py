@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from kubetune_api import __version__
 from kubetune_api.runtime import METRICS_PORT
 from kubetune_api.serving import DEFAULT_MAX_RANK, SUPPORTED_RANKS, ServingSettings
+from kubetune_operator.usagespec import GpuPrices
 
 DEFAULT_TRAINER_IMAGE = f"ghcr.io/kubetune/trainer:{__version__}"
 
@@ -81,6 +82,15 @@ class OperatorSettings(BaseSettings):
     notification_signing_key: str | None = Field(
         default=None, repr=False, description="HMAC-SHA256 key that signs each CloudEvent body (X-Kubetune-Signature); from a Secret."
     )
+    gpu_hour_prices: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="Price of one GPU-hour by the nvidia.com/gpu.product label of the node a trainer pod ran on (JSON in the environment); "
+        "status.usage.estimatedCost multiplies each pod's GPU hours by it.",
+    )
+    default_gpu_hour_price: float | None = Field(
+        default=None, ge=0, description="Price of one GPU-hour on nodes whose GPU product gpuHourPrices does not list; unset prices those at nothing."
+    )
+    cost_currency: str = Field(default="USD", min_length=1, max_length=16, description="Currency of the GPU-hour prices, shown next to the estimated cost.")
     pod_namespace: str = Field(
         default="",
         validation_alias=AliasChoices("POD_NAMESPACE", "KUBETUNE_POD_NAMESPACE"),
@@ -104,6 +114,10 @@ class OperatorSettings(BaseSettings):
     @property
     def serving(self) -> ServingSettings:
         return ServingSettings(max_lora_rank=self.serving_max_lora_rank, allow_modules_to_save=self.serving_allow_modules_to_save)
+
+    @property
+    def prices(self) -> GpuPrices:
+        return GpuPrices(by_product=dict(self.gpu_hour_prices), default=self.default_gpu_hour_price, currency=self.cost_currency)
 
     @property
     def clusterwide(self) -> bool:

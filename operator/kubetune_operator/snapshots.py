@@ -13,6 +13,7 @@ import kopf
 from pydantic import ValidationError
 
 from kubetune_operator import api, manifests
+from kubetune_operator.usagespec import GPU_PRODUCT_LABEL
 
 Obj = dict[str, Any]
 Key = tuple[str, str]
@@ -76,6 +77,9 @@ def gpu_resources(name: str, status: Mapping[str, Any], labels: Mapping[str, str
     memory = (labels or {}).get(GPU_MEMORY_LABEL, "")
     if memory.isdigit():
         entry.update({("memory", resource): int(memory) for resource in offered})
+    product = (labels or {}).get(GPU_PRODUCT_LABEL, "")
+    if offered and product:
+        entry[("product", name)] = product
     return entry
 
 
@@ -109,6 +113,11 @@ class Watched:
         """The smallest GPU memory the nvidia.com/gpu.memory labels of nodes offering ``resource`` state, in MiB."""
         values: list[Any] = list(self._values("gpu_nodes", ("memory", resource)))
         return min(int(v) for v in values) if values else None
+
+    def gpu_products(self, pods: Iterable[Obj]) -> dict[str, str]:
+        """The GPU product label of the nodes ``pods`` ran on, by node name (nodes without one left out)."""
+        nodes = {str(n) for n in ((p.get("spec") or {}).get("nodeName") for p in pods) if n}
+        return {node: str(found) for node in sorted(nodes) if (found := first(self._values("gpu_nodes", ("product", node))))}
 
     def pods(self, key: Key, job: Obj | None) -> list[Obj]:
         """The pods of ``job`` (none without one): a namesake's pods carry the same FinetuneJob label."""

@@ -9,6 +9,7 @@ what was observed before because it can no longer be observed: the last progress
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,7 +36,8 @@ from kubetune_operator.conditions import (
 )
 from kubetune_operator.progress import TrainerSample
 from kubetune_operator.quality import evaluation_of, mark_divergence, with_serving
-from kubetune_operator.usage import usage
+from kubetune_operator.usage import Seen, usage
+from kubetune_operator.usagespec import GpuPrices
 from kubetune_operator.verdict import (
     MAX_MESSAGE,
     Verdict,
@@ -69,6 +71,9 @@ class Observed:
     """The preparation Job, for FinetuneJobs prepared in a separate Job."""
     prepare_pods: list[Obj] = field(default_factory=list)
     serving: ServingSettings = field(default_factory=ServingSettings)
+    gpu_products: Mapping[str, str] = field(default_factory=dict)
+    """The nvidia.com/gpu.product label of each GPU node, by node name."""
+    prices: GpuPrices = field(default_factory=GpuPrices)
 
 
 def _checkpoint(spec: FinetuneJob, observed: Observed, previous: FinetuneJobStatus | None) -> CheckpointRef | None:
@@ -125,6 +130,13 @@ def _merge_conditions(verdict: Verdict, previous: FinetuneJobStatus | None, gene
     return merged
 
 
+def _phase_since(phase: Phase, previous: FinetuneJobStatus | None, now: datetime) -> datetime:
+    """When the current phase was entered: kept while the phase stays, now when it changes."""
+    if previous is not None and previous.phase is phase and previous.phase_transition_time is not None:
+        return previous.phase_transition_time
+    return now.replace(microsecond=0)
+
+
 def compute_status(spec: FinetuneJob, observed: Observed) -> Obj:
     """The status a FinetuneJob should have given what is observed (camelCase dict, with the printer fields)."""
     previous = spec.status
@@ -175,13 +187,14 @@ def compute_status(spec: FinetuneJob, observed: Observed) -> Obj:
         completion = failed.get("lastTransitionTime")
     status = FinetuneJobStatus(
         phase=verdict.phase,
+        phase_transition_time=_phase_since(verdict.phase, previous, observed.now),
         conditions=_merge_conditions(verdict, previous, spec.metadata.generation, observed.now),
         progress=progress,
         last_checkpoint=_checkpoint(spec, observed, previous),
         result=result,
         preparation=preparation,
         evaluation=evaluation_of(observed.pods, previous),
-        usage=usage(spec, observed.pods, observed.now),
+        usage=usage(spec, observed.pods, Seen(spec.spec.resources.gpus, observed.now, observed.sample, observed.gpu_products, observed.prices)),
         logs_uri=_logs_uri(spec, observed, previous),
         job_name=manifests.job_name(spec.metadata.name) if observed.job is not None else None,
         start_time=job_status.get("startTime"),
@@ -229,6 +242,7 @@ def invalid_spec_status(message: str, generation: int, previous: FinetuneJobStat
     fill_negatives(verdict)
     status = FinetuneJobStatus(
         phase=Phase.FAILED,
+        phase_transition_time=_phase_since(Phase.FAILED, previous, now),
         conditions=_merge_conditions(verdict, previous, generation, now),
         observed_generation=generation,
         message=verdict.message,

@@ -38,6 +38,7 @@ def test_demo_runs_end_to_end() -> None:
     assert gate and float(gate.group(2)) < float(gate.group(1)), output[-4000:]
     assert "vllm serve s3://kubetune-demo/models/tiny-llama/ --enable-lora --lora-modules ml-tiny-lora=/mnt/models --max-lora-rank 8" in output
     assert "kind: InferenceService" in output
+    assert re.search(r"usage: 0\.000 GPU hours over 1 attempt\(s\) \(\d+ s of trainer time\); 0 steps redone after restarts", output), output[-4000:]
     assert "stopping everything the demo started" in output
     # The command it shows is the one it ran: the file exists and says what was changed from the example.
     applied = re.search(r"kubectl apply -f (\S+) -n ml   # examples/tiny-cpu-lora.yaml with spec.output.endpointUrl=(\S+)", output)

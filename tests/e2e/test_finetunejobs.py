@@ -168,6 +168,14 @@ def test_killed_trainer_resumes_from_its_checkpoint(stack: Stack) -> None:
     if stack.crash_fails_pod:
         # A force-deleted pod (external clusters) may vanish before the Job controller counts it as failed.
         assert status["attempts"] >= 2
+        # The killed attempt wrote no termination message: what it reached and its newest checkpoint come from the
+        # metrics the operator read while it ran; the steps after that checkpoint were run again.
+        killed, *_ = status["usage"]["attempts"]
+        assert killed["pod"] == pod["metadata"]["name"], status["usage"]
+        assert checkpoint_step <= killed["checkpointStep"] <= status["result"]["resumedFromStep"], status["usage"]
+        assert killed["reachedStep"] >= killed["checkpointStep"], status["usage"]
+        assert status["usage"]["redoneSteps"] == killed["redoneSteps"] == killed["reachedStep"] - killed["checkpointStep"], status["usage"]
+        assert (killed["lostSeconds"] > 0) == (killed["redoneSteps"] > 0) and killed["lostSeconds"] <= killed["seconds"], status["usage"]
     assert len(trainer_jobs(stack, "killed")) == 1
 
 

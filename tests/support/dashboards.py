@@ -49,6 +49,9 @@ CONTRACT_METRICS = frozenset(
         "kubetune_operator_jobs_created_total",
         "kubetune_finetunejob_gpu_seconds_total",
         "kubetune_finetunejob_lost_work_gpu_seconds_total",
+        "kubetune_finetunejob_lost_work_seconds_total",
+        "kubetune_finetunejob_redone_steps_total",
+        "kubetune_finetunejob_estimated_cost",
         "up",
     }
 )

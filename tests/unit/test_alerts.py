@@ -180,6 +180,12 @@ OPERATOR_EXPOSITION = (
     f'kubetune_finetunejob_gpu_seconds_total{{namespace="{NAMESPACE}",finetunejob="{FINETUNEJOB}"}} 7200\n'
     "# TYPE kubetune_finetunejob_lost_work_gpu_seconds_total counter\n"
     f'kubetune_finetunejob_lost_work_gpu_seconds_total{{namespace="{NAMESPACE}",finetunejob="{FINETUNEJOB}"}} 360\n'
+    "# TYPE kubetune_finetunejob_lost_work_seconds_total counter\n"
+    f'kubetune_finetunejob_lost_work_seconds_total{{namespace="{NAMESPACE}",finetunejob="{FINETUNEJOB}"}} 180\n'
+    "# TYPE kubetune_finetunejob_redone_steps_total counter\n"
+    f'kubetune_finetunejob_redone_steps_total{{namespace="{NAMESPACE}",finetunejob="{FINETUNEJOB}"}} 12\n'
+    "# TYPE kubetune_finetunejob_estimated_cost gauge\n"
+    f'kubetune_finetunejob_estimated_cost{{namespace="{NAMESPACE}",finetunejob="{FINETUNEJOB}",currency="USD"}} 8.2\n'
     + _histogram("kubetune_operator_reconcile_duration_seconds", 'handler="create"')
 )
 

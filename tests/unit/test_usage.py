@@ -6,8 +6,11 @@ from typing import Any
 
 import pytest
 
+from kubetune_operator.api import Progress
 from kubetune_operator.metrics import OperatorMetrics
+from kubetune_operator.progress import TrainerSample
 from kubetune_operator.status import compute_status
+from kubetune_operator.usagespec import GpuPrices
 from tests.unit.test_status import ftj, job, observe, pod
 
 pytestmark = pytest.mark.unit
@@ -62,3 +65,59 @@ def test_operator_metrics_export_gpu_seconds_per_job() -> None:
     assert 'kubetune_finetunejob_gpu_seconds_total{finetunejob="llama",namespace="team-a"} 2400.0' in body
     assert 'kubetune_finetunejob_lost_work_gpu_seconds_total{finetunejob="llama",namespace="team-a"} 240.0' in body
     assert '"gone"' not in body
+
+
+def sample(step: int, checkpoint: int | None) -> TrainerSample:
+    return TrainerSample(progress=Progress(step=step, total_steps=100), last_checkpoint_step=checkpoint)
+
+
+def test_steps_a_killed_attempt_ran_after_its_checkpoint_are_counted_as_redone() -> None:
+    """A SIGKILLed trainer writes no termination message: the steps come from the metrics read while it ran."""
+    running = pod("Running", name="a-1", state={"running": {"startedAt": "2026-11-27T07:00:00Z"}})
+    first = compute_status(ftj(resources={"gpus": 2}), observe(job=job(active=1), pods=[running], sample=sample(5, None)))
+    later = compute_status(ftj(first, resources={"gpus": 2}), observe(job=job(active=1), pods=[running], sample=sample(50, 40)))
+    killed = pod(
+        "Failed",
+        name="a-1",
+        state={"terminated": {"exitCode": 137, "reason": "Error", "startedAt": "2026-11-27T07:00:00Z", "finishedAt": "2026-11-27T07:15:00Z"}},
+    )
+    usage = compute_status(ftj(later, resources={"gpus": 2}), observe(job=job(failed=1), pods=[killed]))["usage"]
+    (attempt,) = usage["attempts"]
+    assert (attempt["firstStep"], attempt["reachedStep"], attempt["checkpointStep"]) == (5, 50, 40)
+    assert usage["redoneSteps"] == 10
+    # 900 s for steps 5..50; the 10 steps after the checkpoint took about 10/45 of them.
+    assert usage["lostSeconds"] == 200.0 and usage["lostGpuSeconds"] == 400.0
+
+
+def test_a_successful_attempt_redoes_nothing() -> None:
+    done = pod("Succeeded", name="a-1", state=ended("2026-11-27T07:00:00Z", "2026-11-27T07:10:00Z", 0, "2026-11-27T07:08:00Z"))
+    usage = compute_status(ftj(resources={"gpus": 1}), observe(job=job(succeeded=1), pods=[done]))["usage"]
+    assert usage["redoneSteps"] == 0 and usage["lostSeconds"] == 0.0
+
+
+def test_the_cost_is_each_pods_gpu_hours_at_the_price_of_its_nodes_gpu_product() -> None:
+    prices = GpuPrices(by_product={"NVIDIA-H100-80GB-HBM3": 4.0}, default=1.5, currency="EUR")
+    first = pod("Failed", name="a-1", node="h100-node", state=ended("2026-11-27T07:00:00Z", "2026-11-27T07:30:00Z", 1, "2026-11-27T07:30:00Z"))
+    second = pod("Running", name="a-2", node="other-node", state={"running": {"startedAt": "2026-11-27T07:30:00Z"}})
+    products = {"h100-node": "NVIDIA-H100-80GB-HBM3", "other-node": "NVIDIA-L4"}
+    observed = observe(job=job(active=1, failed=1), pods=[first, second], gpu_products=products, prices=prices)
+    usage = compute_status(ftj(resources={"gpus": 2}), observed)["usage"]
+    # 2 GPUs x 0.5 h at 4.0 on the H100 node, then 2 x 0.5 h at the default 1.5 on the L4 node.
+    assert [a["estimatedCost"] for a in usage["attempts"]] == [4.0, 1.5]
+    assert usage["estimatedCost"] == 5.5 and usage["currency"] == "EUR"
+    assert usage["attempts"][0]["gpuProduct"] == "NVIDIA-H100-80GB-HBM3"
+
+
+def test_without_prices_no_cost_is_claimed() -> None:
+    running = pod("Running", name="a-1", state={"running": {"startedAt": "2026-11-27T07:30:00Z"}})
+    usage = compute_status(ftj(), observe(job=job(active=1), pods=[running], gpu_products={"gpu-node-a": "NVIDIA-L4"}))["usage"]
+    assert "estimatedCost" not in usage and "currency" not in usage
+
+
+def test_operator_metrics_export_lost_work_redone_steps_and_cost() -> None:
+    metrics = OperatorMetrics()
+    metrics.usage.set("team-a", "llama", {"usage": {"gpuSeconds": 7200.0, "lostSeconds": 90.0, "redoneSteps": 12, "estimatedCost": 8.2, "currency": "USD"}})
+    body = metrics.exposition().decode()
+    assert 'kubetune_finetunejob_lost_work_seconds_total{finetunejob="llama",namespace="team-a"} 90.0' in body
+    assert 'kubetune_finetunejob_redone_steps_total{finetunejob="llama",namespace="team-a"} 12.0' in body
+    assert 'kubetune_finetunejob_estimated_cost{currency="USD",finetunejob="llama",namespace="team-a"} 8.2' in body

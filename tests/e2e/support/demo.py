@@ -94,6 +94,7 @@ def hand_off(status: dict[str, Any]) -> list[str]:
             f"adapter {report.get('finalEvalLoss', float('nan')):.4f} (perplexity {report.get('finalPerplexity', float('nan')):.1f}); "
             f"gate {report.get('gate')}"
         )
+    lines.extend(usage_lines(status))
     serving = (status.get("result") or {}).get("serving")
     if serving and serving.get("compatible"):
         lines.append("serve it with vLLM:  vllm serve " + " ".join(serving["vllmArgs"]))
@@ -102,6 +103,22 @@ def hand_off(status: dict[str, Any]) -> list[str]:
     elif serving:
         lines.append("vLLM cannot serve this adapter as it is: " + "; ".join(serving.get("reasons") or []))
     return lines
+
+
+def usage_lines(status: dict[str, Any]) -> list[str]:
+    """GPU time, the work restarts cost, and the estimated cost, from status.usage."""
+    usage = status.get("usage")
+    if not usage:
+        return []
+    attempts = usage.get("attempts") or []
+    seconds = sum(float(a.get("seconds") or 0) for a in attempts)
+    line = (
+        f"usage: {float(usage.get('gpuSeconds') or 0) / 3600:.3f} GPU hours over {len(attempts)} attempt(s) ({seconds:.0f} s of trainer time); "
+        f"{usage.get('redoneSteps', 0)} steps redone after restarts ({float(usage.get('lostSeconds') or 0):.0f} s)"
+    )
+    if usage.get("estimatedCost") is not None:
+        line += f"; estimated cost {float(usage['estimatedCost']):.2f} {usage.get('currency') or ''}".rstrip()
+    return [line]
 
 
 def as_typed(path: Path) -> str:

@@ -48,6 +48,8 @@ def local_chart_values(settings: StackSettings) -> dict[str, Any]:
             "extraEnv": [{"name": "KUBETUNE_OPERATOR_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
         },
         "trainer": {"image": {"repository": "kubetune/trainer", "tag": "local", "pullPolicy": "Never"}},
+        # A price for every node, so each job has an estimated cost (0 for the CPU jobs) for the dashboard to show.
+        "cost": {"defaultGpuHourPrice": 2.5},
     }
     return merge_values(values, settings.helm_values)
 
