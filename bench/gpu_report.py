@@ -29,7 +29,7 @@ import torch
 from kubetune_api.recipe import ComputeDtype, LoraSpec, Optimizer, Precision, QuantizationSpec, QuantType, TrainingSpec
 from kubetune_trainer.distributed import Context
 from kubetune_trainer.local_checkpoints import TrainingState
-from kubetune_trainer.loss import LossModel
+from kubetune_trainer.loss import build_loss_model
 from kubetune_trainer.metrics import TrainerMetrics
 from kubetune_trainer.model import ModelFiles, apply_lora, load_base_model
 from kubetune_trainer.training import Hooks, Progress, build_optimizer, build_scheduler, train
@@ -109,8 +109,21 @@ def build_random_llama(out: Path, shape: str, device: str) -> int:
 
 
 def run_case(
-    name: str, path: Path, params: int, *, quant: QuantizationSpec | None, batch: int, seq: int, gc: bool, optimizer: Optimizer, steps: int, device: str
+    name: str,
+    path: Path,
+    params: int,
+    *,
+    quant: QuantizationSpec | None,
+    batch: int,
+    seq: int,
+    gc: bool,
+    optimizer: Optimizer,
+    steps: int,
+    device: str,
+    training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Train ``steps`` steps of one configuration through the trainer's code; ``training`` adds TrainingSpec fields
+    (offload_activations, fused_kernels)."""
     cuda = device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -119,7 +132,8 @@ def run_case(
     model = load_base_model(files, dtype_name="bfloat16", quantization=quant, device=device, trust_remote_code=False)
     model = apply_lora(model, LoraSpec(r=16, alpha=32, dropout=0.0), gradient_checkpointing=gc)
     load_seconds = time.monotonic() - started
-    spec = TrainingSpec(max_steps=steps, log_every=2, checkpoint_every=10**6, optimizer=optimizer, gradient_checkpointing=gc, precision=Precision.BF16)
+    extra = training or {}
+    spec = TrainingSpec(max_steps=steps, log_every=2, checkpoint_every=10**6, optimizer=optimizer, gradient_checkpointing=gc, precision=Precision.BF16, **extra)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(spec, trainable, cuda=cuda)
     sched = build_scheduler(spec, opt, steps)
@@ -129,7 +143,7 @@ def run_case(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     train(
-        LossModel(model),
+        build_loss_model(model, spec, torch.device(device)),
         opt,
         sched,
         SyntheticStream(batch, seq, model.config.vocab_size),
@@ -160,6 +174,7 @@ def run_case(
         "seq_len": seq,
         "gradient_checkpointing": gc,
         "optimizer": optimizer.value,
+        **{key: value.value if hasattr(value, "value") else value for key, value in extra.items()},
         "load_seconds": round(load_seconds, 1),
         "tokens_per_second": round(tokens_per_second, 1),
         "mfu": round(tokens_per_second * 4 * params / peak_flops, 4),
