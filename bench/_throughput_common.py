@@ -37,6 +37,11 @@ class Settings:
     lora_alpha: int
     lora_dropout: float
     cuda: bool
+    quantized: bool = False
+    """QLoRA: the base in 4-bit nf4 with double quantization and bf16 compute (bench/gpu_suite.py)."""
+    gradient_checkpointing: bool = False
+    optimizer: str | None = None
+    """A transformers ``optim`` name; None is fused AdamW on a GPU and AdamW on a CPU."""
 
     @property
     def warmup_steps(self) -> int:
@@ -60,6 +65,8 @@ class Measurement:
     seconds: float
     steps: int
     note: str = ""
+    peak_memory_bytes: int = 0
+    """torch.cuda.max_memory_allocated over the whole run (0 on a CPU)."""
 
     @property
     def tokens_per_second(self) -> float:

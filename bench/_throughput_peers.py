@@ -5,8 +5,14 @@
 - hf-padded: transformers ``Trainer`` + peft, one record per row, ``DataCollatorForLanguageModeling``
   padding to the longest row (no packing): the script most users write.
 - trl-packed: TRL's ``SFTTrainer`` with ``packing=True`` (its default best-fit strategy, padding-free rows).
+- trl-packed-liger: the same with ``use_liger_kernel=True`` (Liger's fused kernels; needs a GPU and liger-kernel).
+- unsloth: Unsloth's ``FastLanguageModel`` (its patched model, LoRA and checkpointing) under the same SFTTrainer.
 - bare: a torch loop over the very batches kubetune's data pipeline yields (packed, same order),
   without metrics, logging, status or checkpoints: the floor kubetune's overhead is measured against.
+
+With ``Settings.quantized`` the base is loaded in 4-bit (nf4, double quantization, bf16 compute) as
+kubetune's QLoRA loads it, without peft's upcasting ``prepare_model_for_kbit_training`` (kubetune does
+not upcast either). The data file may hold text records or pre-tokenized ``input_ids`` rows.
 
 Tokens are real (non-padding) input tokens, counted when a batch is collated; time runs from the
 end of optimizer step ``warmup_steps`` to the end of the last step, the device synced at both.
@@ -18,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +51,12 @@ def load_model(settings: Settings, targets: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     auto: Any = AutoModelForCausalLM
-    model = auto.from_pretrained(settings.model_dir, dtype=dtype(settings))
-    model.to("cuda" if settings.cuda else "cpu")
+    device = "cuda" if settings.cuda else "cpu"
+    if settings.quantized:
+        model = auto.from_pretrained(settings.model_dir, dtype=dtype(settings), quantization_config=qlora_config(settings), device_map={"": device})
+    else:
+        model = auto.from_pretrained(settings.model_dir, dtype=dtype(settings))
+        model.to(device)
     model.config.use_cache = False
     config = LoraConfig(
         task_type="CAUSAL_LM",
@@ -56,6 +67,13 @@ def load_model(settings: Settings, targets: Any) -> Any:
         bias="none",
     )
     return get_peft_model(model, config)
+
+
+def qlora_config(settings: Settings) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    config: Any = BitsAndBytesConfig
+    return config(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype(settings))
 
 
 # ---- transformers Trainer and TRL -------------------------------------------------------------
@@ -73,7 +91,7 @@ def training_arguments(settings: Settings, output_dir: str) -> dict[str, Any]:
         "warmup_steps": 0,
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
-        "optim": "adamw_torch_fused" if settings.cuda else "adamw_torch",
+        "optim": settings.optimizer or ("adamw_torch_fused" if settings.cuda else "adamw_torch"),
         "bf16": settings.cuda,
         "use_cpu": not settings.cuda,
         "logging_steps": settings.log_every,
@@ -82,7 +100,8 @@ def training_arguments(settings: Settings, output_dir: str) -> dict[str, Any]:
         "disable_tqdm": True,
         "seed": settings.seed,
         "dataloader_num_workers": 0,
-        "gradient_checkpointing": False,
+        "gradient_checkpointing": settings.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
     }
 
 
@@ -143,7 +162,7 @@ def run_hf_padded(settings: Settings) -> tuple[StepClock, str]:
     return clock, f"{len(train)} records, padded rows"
 
 
-def run_trl_packed(settings: Settings) -> tuple[StepClock, str]:
+def run_trl_packed(settings: Settings, *, liger: bool = False, model: Any = None, tokenizer: Any = None) -> tuple[StepClock, str]:
     import datasets
     import trl
     from transformers import AutoTokenizer
@@ -152,20 +171,48 @@ def run_trl_packed(settings: Settings) -> tuple[StepClock, str]:
     trl_module: Any = trl
     SFTConfig, SFTTrainer = trl_module.SFTConfig, trl_module.SFTTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(settings.model_dir)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(settings.model_dir)
     raw = datasets.load_dataset("json", data_files=settings.data_path, split="train")
     torch.manual_seed(settings.seed)
-    model = load_model(settings, "all-linear")
+    model = model or load_model(settings, "all-linear")
     clock = StepClock(settings.warmup_steps, settings.steps)
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as out:
-        args = SFTConfig(**training_arguments(settings, out), packing=True, max_length=settings.seq_len, dataset_text_field="text")
+        options = {**training_arguments(settings, out), "use_liger_kernel": liger}
+        args = SFTConfig(**options, packing=True, max_length=settings.seq_len, dataset_text_field="text")
         trainer: Any = SFTTrainer(model=model, args=args, train_dataset=raw, processing_class=tokenizer)
         counter = TokenCounter(trainer.data_collator, tokenizer.pad_token_id)
         trainer.data_collator = counter
         trainer.add_callback(clock_callback(clock, counter, settings.cuda))
         trainer.train()
         rows = len(trainer.train_dataset)
-    return clock, f"trl {trl.__version__}, {rows} packed rows, strategy {args.packing_strategy}"
+    return clock, f"trl {trl.__version__}, {rows} packed rows, strategy {args.packing_strategy}{', liger kernels' if liger else ''}"
+
+
+def run_trl_packed_liger(settings: Settings) -> tuple[StepClock, str]:
+    return run_trl_packed(settings, liger=True)
+
+
+def run_unsloth(settings: Settings) -> tuple[StepClock, str]:
+    # Unsloth patches transformers when imported, so it must come first (and in a process of its own).
+    import importlib
+
+    unsloth: Any = importlib.import_module("unsloth")
+    model, tokenizer = unsloth.FastLanguageModel.from_pretrained(
+        settings.model_dir, max_seq_length=settings.seq_len, dtype=dtype(settings), load_in_4bit=settings.quantized
+    )
+    model = unsloth.FastLanguageModel.get_peft_model(
+        model,
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=LORA_TARGETS,
+        bias="none",
+        use_gradient_checkpointing="unsloth" if settings.gradient_checkpointing else False,
+        random_state=settings.seed,
+    )
+    # Unsloth turns checkpointing on itself; the Trainer must not wrap the model a second time.
+    clock, note = run_trl_packed(replace(settings, gradient_checkpointing=False), model=model, tokenizer=tokenizer)
+    return clock, f"unsloth {getattr(unsloth, '__version__', '?')}, {note}"
 
 
 # ---- bare loop --------------------------------------------------------------------------------
@@ -220,6 +267,8 @@ def run_bare(settings: Settings) -> tuple[StepClock, str]:
 RUNNERS: dict[str, Callable[[Settings], tuple[StepClock, str]]] = {
     "hf-padded": run_hf_padded,
     "trl-packed": run_trl_packed,
+    "trl-packed-liger": run_trl_packed_liger,
+    "unsloth": run_unsloth,
     "bare": run_bare,
 }
 
@@ -227,8 +276,11 @@ RUNNERS: dict[str, Callable[[Settings], tuple[StepClock, str]]] = {
 def main(argv: list[str]) -> int:
     name, settings_path, out_path = argv
     settings = Settings.from_json(Path(settings_path).read_text(encoding="utf-8"))
+    if settings.cuda:
+        torch.cuda.reset_peak_memory_stats()
     clock, note = RUNNERS[name](settings)
-    clock.measurement(name, note).save(Path(out_path))
+    peak = int(torch.cuda.max_memory_allocated()) if settings.cuda else 0
+    replace(clock.measurement(name, note), peak_memory_bytes=peak).save(Path(out_path))
     return 0
 
 

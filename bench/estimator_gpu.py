@@ -27,16 +27,14 @@ import torch
 
 from kubetune_api.estimate import EstimateInput, ModelShape, estimate
 from kubetune_api.recipe import ComputeDtype, LoraSpec, Optimizer, Precision, QuantizationSpec, QuantType, TrainingSpec
-from kubetune_trainer.distributed import Context
-from kubetune_trainer.local_checkpoints import TrainingState
 from kubetune_trainer.loss import LossModel
 from kubetune_trainer.model import ModelFiles, apply_lora, load_base_model
-from kubetune_trainer.training import Hooks, build_optimizer, build_scheduler, train
+from kubetune_trainer.training import Hooks, build_optimizer, build_scheduler
 
 # Run as a script, only bench/ itself is on the path; its sibling modules are imported as the bench package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gpu_report import SyntheticStream, build_random_llama
+from bench.gpu_report import SyntheticStream, build_random_llama, train_one_process
 
 GIB = 1024**3
 R = 16
@@ -113,23 +111,9 @@ def measure(case: Case, model_dir: Path, steps: int, device: str) -> int | None:
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(spec, trainable, cuda=cuda)
-    ctx = Context(rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0, device=torch.device(device))
     hooks = Hooks(on_log=lambda _: None, on_eval=lambda *_: None, on_checkpoint=lambda _: None, stop_requested=lambda: False)
     stream = SyntheticStream(case.micro_batch, case.seq_len, model.config.vocab_size)
-    precision = Precision.BF16 if cuda else Precision.FP32
-    train(
-        LossModel(model),
-        optimizer,
-        build_scheduler(spec, optimizer, steps),
-        stream,
-        spec=spec,
-        steps=steps,
-        state=TrainingState(),
-        ctx=ctx,
-        precision=precision,
-        hooks=hooks,
-        eval_batches=None,
-    )
+    train_one_process(LossModel(model), optimizer, build_scheduler(spec, optimizer, steps), stream, spec, hooks)
     peak = int(torch.cuda.max_memory_allocated()) if cuda else None
     del model, optimizer
     return peak
@@ -141,7 +125,9 @@ def run(cases: list[Case], steps: int, work: Path, device: str) -> list[dict[str
     for case in cases:
         if case.shape not in built:
             built[case.shape] = work / case.shape
-            build_random_llama(built[case.shape], case.shape, device)
+            # A model an earlier step of the same run built (bench/gpu_suite.py) is reused.
+            if not (built[case.shape] / "config.json").is_file():
+                build_random_llama(built[case.shape], case.shape, device)
         shape = ModelShape.from_config(json.loads((built[case.shape] / "config.json").read_text()))
         allocated, total = estimated(case, shape)
         began = time.monotonic()

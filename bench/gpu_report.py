@@ -29,7 +29,7 @@ import torch
 from kubetune_api.recipe import ComputeDtype, LoraSpec, Optimizer, Precision, QuantizationSpec, QuantType, TrainingSpec
 from kubetune_trainer.distributed import Context
 from kubetune_trainer.local_checkpoints import TrainingState
-from kubetune_trainer.loss import LossModel
+from kubetune_trainer.loss import build_loss_model
 from kubetune_trainer.metrics import TrainerMetrics
 from kubetune_trainer.model import ModelFiles, apply_lora, load_base_model
 from kubetune_trainer.training import Hooks, Progress, build_optimizer, build_scheduler, train
@@ -85,6 +85,12 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
+def peak_flops() -> float:
+    """Dense bf16 FLOP/s of this machine's GPU (an H100's when unknown or on a CPU)."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    return next((v for k, v in DENSE_BF16_PEAK.items() if k in gpu), 989e12)
+
+
 def build_random_llama(out: Path, shape: str, device: str) -> int:
     """Save a random Llama-3-shaped model to ``out``; returns its parameter count."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -108,9 +114,31 @@ def build_random_llama(out: Path, shape: str, device: str) -> int:
     return params
 
 
+def train_one_process(model: Any, optimizer: Any, scheduler: Any, stream: Any, spec: TrainingSpec, hooks: Hooks) -> None:
+    """``training.train`` for ``spec.max_steps`` steps from scratch in a single process, bf16 on a GPU, fp32 on a CPU."""
+    device = torch.device("cuda" if torch.cuda.is_available() and next(model.parameters()).is_cuda else "cpu")
+    ctx = Context(rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0, device=device)
+    precision = Precision.BF16 if device.type == "cuda" else Precision.FP32
+    steps = spec.max_steps or 1
+    train(model, optimizer, scheduler, stream, spec=spec, steps=steps, state=TrainingState(), ctx=ctx, precision=precision, hooks=hooks, eval_batches=None)
+
+
 def run_case(
-    name: str, path: Path, params: int, *, quant: QuantizationSpec | None, batch: int, seq: int, gc: bool, optimizer: Optimizer, steps: int, device: str
+    name: str,
+    path: Path,
+    params: int,
+    *,
+    quant: QuantizationSpec | None,
+    batch: int,
+    seq: int,
+    gc: bool,
+    optimizer: Optimizer,
+    steps: int,
+    device: str,
+    training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Train ``steps`` steps of one configuration through the trainer's code; ``training`` adds TrainingSpec fields
+    (offload_activations, fused_kernels)."""
     cuda = device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -119,28 +147,16 @@ def run_case(
     model = load_base_model(files, dtype_name="bfloat16", quantization=quant, device=device, trust_remote_code=False)
     model = apply_lora(model, LoraSpec(r=16, alpha=32, dropout=0.0), gradient_checkpointing=gc)
     load_seconds = time.monotonic() - started
-    spec = TrainingSpec(max_steps=steps, log_every=2, checkpoint_every=10**6, optimizer=optimizer, gradient_checkpointing=gc, precision=Precision.BF16)
+    extra = training or {}
+    spec = TrainingSpec(max_steps=steps, log_every=2, checkpoint_every=10**6, optimizer=optimizer, gradient_checkpointing=gc, precision=Precision.BF16, **extra)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(spec, trainable, cuda=cuda)
     sched = build_scheduler(spec, opt, steps)
-    ctx = Context(rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0, device=torch.device(device))
     logs: list[Progress] = []
     hooks = Hooks(on_log=logs.append, on_eval=lambda *_: None, on_checkpoint=lambda _: None, stop_requested=lambda: False)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    train(
-        LossModel(model),
-        opt,
-        sched,
-        SyntheticStream(batch, seq, model.config.vocab_size),
-        spec=spec,
-        steps=steps,
-        state=TrainingState(),
-        ctx=ctx,
-        precision=Precision.BF16,
-        hooks=hooks,
-        eval_batches=None,
-    )
+    train_one_process(build_loss_model(model, spec, torch.device(device)), opt, sched, SyntheticStream(batch, seq, model.config.vocab_size), spec, hooks)
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     metrics = TrainerMetrics("bench", name, 0, {"method": name})
     from prometheus_client import generate_latest
@@ -150,7 +166,6 @@ def run_case(
     steady = logs[1:] or logs  # the first interval includes warm-up (allocator, kernels)
     tokens_per_second = sum(p.interval_tokens for p in steady) / sum(p.interval_tokens / p.tokens_per_second for p in steady)
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
-    peak_flops = next((v for k, v in DENSE_BF16_PEAK.items() if k in gpu), 989e12)
     result = {
         "case": name,
         "gpu": gpu,
@@ -160,9 +175,10 @@ def run_case(
         "seq_len": seq,
         "gradient_checkpointing": gc,
         "optimizer": optimizer.value,
+        **{key: value.value if hasattr(value, "value") else value for key, value in extra.items()},
         "load_seconds": round(load_seconds, 1),
         "tokens_per_second": round(tokens_per_second, 1),
-        "mfu": round(tokens_per_second * 4 * params / peak_flops, 4),
+        "mfu": round(tokens_per_second * 4 * params / peak_flops(), 4),
         "peak_vram_gib": round(peak / GIB, 2),
         "reserved_vram_gib": round(torch.cuda.max_memory_reserved() / GIB, 2) if cuda else 0,
         "metric_peak_bytes": metric_peaks,

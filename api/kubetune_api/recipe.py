@@ -175,6 +175,11 @@ class Optimizer(StrEnum):
     SGD = "sgd"
 
 
+class FusedKernels(StrEnum):
+    AUTO = "auto"
+    OFF = "off"
+
+
 class TrainingSpec(ApiModel):
     """Optimisation settings. Set exactly one of epochs or maxSteps."""
 
@@ -199,6 +204,23 @@ class TrainingSpec(ApiModel):
     per_device_batch_size: int = Field(default=4, ge=1, le=4096, description="Sequences per device per micro-batch.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=4096, description="Micro-batches accumulated per optimizer step.")
     gradient_checkpointing: bool = Field(default=True, description="Recompute activations in the backward pass: much less memory, about 30% more compute.")
+    offload_activations: bool = Field(
+        default=False,
+        description=(
+            "Keep the activations saved for the backward pass (with gradientCheckpointing: each layer's input) in pinned host "
+            "memory instead of on the GPU, copied on a side stream that overlaps compute. Saves about layers x micro-batch x "
+            "sequence length x hidden size x 2 bytes of GPU memory (1 GiB for an 8B model at micro-batch 2 and 2,048 tokens) "
+            "for some PCIe traffic; needs that much free host memory per GPU. Runs on CPU too, where it saves nothing."
+        ),
+    )
+    fused_kernels: FusedKernels = Field(
+        default=FusedKernels.AUTO,
+        description=(
+            "auto uses Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE and a linear cross entropy that never holds the "
+            "logits) on CUDA GPUs when the trainer image has the liger-kernel package and the model is one Liger supports; "
+            "off keeps the model's own layers and kubetune's chunked loss. CPU runs never use them."
+        ),
+    )
     auto_fit: bool = Field(
         default=False,
         description=(

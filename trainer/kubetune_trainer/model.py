@@ -290,7 +290,7 @@ def apply_lora(model: Any, spec: LoraSpec, *, gradient_checkpointing: bool) -> A
     for param in model.parameters():
         param.requires_grad_(False)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         # Frozen embeddings give inputs without grad; checkpointed blocks need one to backpropagate.
         model.enable_input_require_grads()
     return get_peft_model(model, lora_config(spec, targets))

@@ -27,7 +27,7 @@ from kubetune_trainer.distributed import Context
 from kubetune_trainer.divergence import DivergenceWatch
 from kubetune_trainer.errors import DivergedError, Interrupted, TrainerError, classify
 from kubetune_trainer.local_checkpoints import TrainingState
-from kubetune_trainer.loss import LossModel
+from kubetune_trainer.loss import build_loss_model
 from kubetune_trainer.metrics import TrainerMetrics, resident_memory
 from kubetune_trainer.preparation import in_trainer_report, load_prepared_data
 from kubetune_trainer.storage.publish import PublishResult, run_manifest
@@ -121,7 +121,7 @@ class LoRARecipe:
         self.peft_model = self._load_model()
         self._prepare_data()
         # The chunked loss never holds full-vocabulary fp32 logits: the largest item of QLoRA's peak memory.
-        self.model = LossModel(self.peft_model)
+        self.model = build_loss_model(self.peft_model, config.training, ctx.device)
         if ctx.distributed:
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
         params = [p for p in self.peft_model.parameters() if p.requires_grad]

@@ -32,6 +32,7 @@ from kubetune_trainer.distributed import Context, all_reduce_sum, any_true
 from kubetune_trainer.errors import OOM_ADVICE, NumericError, OutOfMemoryError
 from kubetune_trainer.local_checkpoints import TrainingState
 from kubetune_trainer.loss import LossModel
+from kubetune_trainer.optimizer_sync import sync_once
 
 
 class BatchLike(Protocol):
@@ -177,7 +178,7 @@ def build_optimizer(spec: TrainingSpec, params: list[torch.nn.Parameter], *, cud
         Optimizer.PAGED_ADAMW: bnb_optim.PagedAdamW,
     }
     optimizer: torch.optim.Optimizer = classes[kind](params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    return optimizer
+    return sync_once(optimizer)
 
 
 def build_scheduler(spec: TrainingSpec, optimizer: torch.optim.Optimizer, steps: int) -> Any:
