@@ -106,10 +106,11 @@ class ResourcesSpec(ApiModel):
     cpu: Quantity | None = Field(default=None, description="CPU request and limit per pod, for example '8' or '500m'.")
     memory: Quantity | None = Field(default=None, description="Memory request and limit per pod, for example '64Gi'.")
     shm_size: Quantity = Field(default="8Gi", description="Size of the memory-backed /dev/shm used by data loaders and NCCL.")
-    scratch_size: Quantity = Field(
-        default="200Gi",
+    scratch_size: Quantity | None = Field(
+        default=None,
         description="Size limit of the scratch volume (the Hugging Face download cache, local checkpoints, the merged model). "
-        "A trainer that fills it fails with reason DiskFull naming this field; raise it for models above about 40B parameters.",
+        "Unset: room for the base model's weights twice over (16-bit) plus a margin and 20Gi, when the preparation step read "
+        "the model's size, else 200Gi. A trainer that fills it fails with reason DiskFull naming this field.",
     )
     tmp_size: Quantity = Field(default="10Gi", description="Size limit of the /tmp volume (temporary files of the libraries).")
     ephemeral_storage: Quantity | None = Field(
