@@ -7,6 +7,8 @@ from these models by ``kubetune_operator.crdgen``.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -426,5 +428,23 @@ class FinetuneJob(ApiModel):
 
     @classmethod
     def from_body(cls, body: Any) -> FinetuneJob:
-        """Parse a (kopf) body; raises pydantic.ValidationError for specs the apiserver could not reject."""
-        return cls.model_validate(dict(body))
+        """Parse a (kopf) body; raises pydantic.ValidationError for specs the apiserver could not reject.
+
+        The spec is read as the apiserver reads JSON, strictly ('7' is no integer, 'yes' no boolean), so the model
+        refuses what the CRD's schema refuses; the status, which only the operator writes, is read as usual."""
+        data = json.loads(json.dumps(body, default=_plain))
+        spec = _SpecOf.model_validate_json(json.dumps({"spec": data.get("spec")}), strict=True).spec
+        return cls.model_validate({**data, "spec": spec})
+
+
+class _SpecOf(ApiModel):
+    """The spec of a body alone, so that its errors are located under spec."""
+
+    spec: FinetuneJobSpec
+
+
+def _plain(value: Any) -> Any:
+    """kopf's views of a body (Spec, Status, Meta) as the plain mappings they wrap."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
