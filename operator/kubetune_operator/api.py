@@ -22,7 +22,7 @@ from kubetune_api.messages import message
 from kubetune_api.quality import EvaluationReport
 from kubetune_api.recipe import RECIPE_RULES, Optimizer, Precision, TrainingRecipe
 from kubetune_api.result import CheckpointRef, PreparationReport, TrainingResult
-from kubetune_api.schema import K8S_NAME_PATTERN, ApiModel, cel, validations
+from kubetune_api.schema import K8S_NAME_PATTERN, ApiModel, cel, validations, without_nulls
 from kubetune_api.serving import ServingReport
 
 GROUP = "kubetune.io"
@@ -430,10 +430,11 @@ class FinetuneJob(ApiModel):
     def from_body(cls, body: Any) -> FinetuneJob:
         """Parse a (kopf) body; raises pydantic.ValidationError for specs the apiserver could not reject.
 
-        The spec is read as the apiserver reads JSON, strictly ('7' is no integer, 'yes' no boolean), so the model
-        refuses what the CRD's schema refuses; the status, which only the operator writes, is read as usual."""
+        The spec is read as the apiserver reads JSON, strictly ('7' is no integer, 'yes' no boolean), and a null where
+        the schema allows none counts as the field left out, so the model refuses what the CRD refuses and no more;
+        the status, which only the operator writes, is read as usual."""
         data = json.loads(json.dumps(body, default=_plain))
-        spec = _SpecOf.model_validate_json(json.dumps({"spec": data.get("spec")}), strict=True).spec
+        spec = _SpecOf.model_validate_json(json.dumps({"spec": without_nulls(FinetuneJobSpec, data.get("spec"))}), strict=True).spec
         return cls.model_validate({**data, "spec": spec})
 
 

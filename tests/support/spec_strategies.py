@@ -111,8 +111,9 @@ def values(node: Schema, depth: int = 0) -> st.SearchStrategy[Any]:
     elif kind == "string":
         own = _strings(node)
     elif kind == "array":
-        items = values(node["items"], depth + 1) if depth < 3 else st.nothing()
-        own = st.lists(items, max_size=min(3, node.get("maxItems", 3) + 1), unique_by=_hashable) | st.just([])
+        own = st.just([])
+        if depth < 3:
+            own |= st.lists(values(node["items"], depth + 1), max_size=min(3, node.get("maxItems", 3) + 1), unique_by=_hashable)
     elif kind == "object" and "properties" in node and depth < 3:
         own = st.fixed_dictionaries({}, optional={name: values(prop, depth + 1) for name, prop in node["properties"].items()})
     elif kind == "object" and isinstance(node.get("additionalProperties"), dict):

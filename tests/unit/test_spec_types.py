@@ -9,7 +9,8 @@ import kopf
 import pytest
 from pydantic import ValidationError
 
-from kubetune_operator.api import FinetuneJob
+from kubetune_operator import crdgen
+from kubetune_operator.api import FinetuneJob, FinetuneJobSpec
 from kubetune_operator.snapshots import short_errors
 from tests.support.spec_strategies import base_spec
 
@@ -43,3 +44,22 @@ def test_a_kopf_body_with_a_status_parses() -> None:
     raw = {**body(base_spec()), "status": status}
     parsed = FinetuneJob.from_body(kopf.Body(copy.deepcopy(raw)))  # type: ignore[arg-type]
     assert parsed.spec.lora.r == 8 and parsed.status is not None and parsed.status.conditions[0].last_transition_time.year == 2026
+
+
+def test_a_null_counts_as_the_field_left_out_as_the_apiserver_counts_it() -> None:
+    """The apiserver prunes a null where the schema allows none, or puts the field's default in its place."""
+    spec = base_spec()
+    spec["lora"]["useRslora"] = None
+    spec["resources"]["nodeSelector"] = {"zone": None}
+    spec["dataset"]["fileFormat"] = None
+    parsed = FinetuneJob.from_body(body(spec))
+    assert parsed.spec.lora.use_rslora is False and parsed.spec.resources.node_selector == {} and parsed.spec.dataset.file_format is None
+    spec["model"] = None
+    with pytest.raises(ValidationError, match="spec.model"):
+        FinetuneJob.from_body(body(spec))
+
+
+def test_an_optional_enum_is_not_nullable_in_the_crd() -> None:
+    """A kept null fails the enum check, so the CRD lets the apiserver prune it, as the model's None means."""
+    dataset = crdgen.model_schema(FinetuneJobSpec)["properties"]["dataset"]["properties"]
+    assert "nullable" not in dataset["fileFormat"] and None not in dataset["fileFormat"]["enum"]
