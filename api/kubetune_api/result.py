@@ -115,6 +115,11 @@ class PreparationReport(ApiModel):
     cache_uri: str = Field(max_length=2048, description="Where the tokenized, packed data is (s3:// or a local path); the trainer loads it.")
     cache_key: str = Field(max_length=64, description="Digest of everything that decides the prepared data.")
     fit: FitDecision | None = Field(default=None, description="Memory estimate per GPU and the settings chosen; absent for CPU jobs.")
+    model_parameters: int | None = Field(
+        default=None,
+        ge=0,
+        description="Parameters of the base model, from its config.json: the size of the trainer's scratch volume when spec.resources.scratchSize is unset.",
+    )
     duration_seconds: float | None = Field(default=None, ge=0, description="Wall time of the preparation.")
 
 

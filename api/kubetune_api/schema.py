@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import types
+import typing
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -77,3 +79,46 @@ def source_rules(field: str) -> JsonDict:
             message("source.scheme", field=field),
         ),
     )
+
+
+def without_nulls(model: type[BaseModel], data: Any) -> Any:
+    """``data`` for ``model`` without the explicit nulls of fields that cannot be null, at every depth.
+
+    The apiserver treats such a null as the field left out (it prunes it, or applies the field's default), so the
+    model must too; a null where null is allowed is kept."""
+    if not isinstance(data, dict):
+        return data
+    fields = {info.alias or name: info.annotation for name, info in model.model_fields.items()}
+    kept: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            kept[key] = value
+        elif value is not None or _allows_none(fields[key]):
+            kept[key] = _without_nulls_in(fields[key], value)
+    return kept
+
+
+def _allows_none(annotation: Any) -> bool:
+    return annotation is None or annotation is type(None) or any(_allows_none(arg) for arg in _union_members(annotation))
+
+
+def _union_members(annotation: Any) -> tuple[Any, ...]:
+    return typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else ()
+
+
+def _without_nulls_in(annotation: Any, value: Any) -> Any:
+    """The nulls inside ``value`` (a model, a list of models, a map) dropped as ``without_nulls`` does."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _without_nulls_in(typing.get_args(annotation)[0], value)
+    members = _union_members(annotation)
+    if members:
+        inner = [member for member in members if member is not type(None)]
+        return _without_nulls_in(inner[0], value) if len(inner) == 1 else value
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return without_nulls(annotation, value)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is list and args and isinstance(value, list):
+        return [_without_nulls_in(args[0], item) for item in value]
+    if origin is dict and len(args) == 2 and isinstance(value, dict):
+        return {key: _without_nulls_in(args[1], item) for key, item in value.items() if item is not None or _allows_none(args[1])}
+    return value

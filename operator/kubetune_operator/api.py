@@ -7,6 +7,8 @@ from these models by ``kubetune_operator.crdgen``.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -20,7 +22,7 @@ from kubetune_api.messages import message
 from kubetune_api.quality import EvaluationReport
 from kubetune_api.recipe import RECIPE_RULES, Optimizer, Precision, TrainingRecipe
 from kubetune_api.result import CheckpointRef, PreparationReport, TrainingResult
-from kubetune_api.schema import K8S_NAME_PATTERN, ApiModel, cel, validations
+from kubetune_api.schema import K8S_NAME_PATTERN, ApiModel, cel, validations, without_nulls
 from kubetune_api.serving import ServingReport
 from kubetune_operator.sinkspec import MAX_SINKS, NOTIFICATIONS_DESCRIPTION, NotificationSink
 from kubetune_operator.usagespec import Usage
@@ -108,10 +110,11 @@ class ResourcesSpec(ApiModel):
     cpu: Quantity | None = Field(default=None, description="CPU request and limit per pod, for example '8' or '500m'.")
     memory: Quantity | None = Field(default=None, description="Memory request and limit per pod, for example '64Gi'.")
     shm_size: Quantity = Field(default="8Gi", description="Size of the memory-backed /dev/shm used by data loaders and NCCL.")
-    scratch_size: Quantity = Field(
-        default="200Gi",
+    scratch_size: Quantity | None = Field(
+        default=None,
         description="Size limit of the scratch volume (the Hugging Face download cache, local checkpoints, the merged model). "
-        "A trainer that fills it fails with reason DiskFull naming this field; raise it for models above about 40B parameters.",
+        "Unset: room for the base model's weights twice over (16-bit) plus a margin and 20Gi, when the preparation step read "
+        "the model's size, else 200Gi. A trainer that fills it fails with reason DiskFull naming this field.",
     )
     tmp_size: Quantity = Field(default="10Gi", description="Size limit of the /tmp volume (temporary files of the libraries).")
     ephemeral_storage: Quantity | None = Field(
@@ -413,5 +416,24 @@ class FinetuneJob(ApiModel):
 
     @classmethod
     def from_body(cls, body: Any) -> FinetuneJob:
-        """Parse a (kopf) body; raises pydantic.ValidationError for specs the apiserver could not reject."""
-        return cls.model_validate(dict(body))
+        """Parse a (kopf) body; raises pydantic.ValidationError for specs the apiserver could not reject.
+
+        The spec is read as the apiserver reads JSON, strictly ('7' is no integer, 'yes' no boolean), and a null where
+        the schema allows none counts as the field left out, so the model refuses what the CRD refuses and no more;
+        the status, which only the operator writes, is read as usual."""
+        data = json.loads(json.dumps(body, default=_plain))
+        spec = _SpecOf.model_validate_json(json.dumps({"spec": without_nulls(FinetuneJobSpec, data.get("spec"))}), strict=True).spec
+        return cls.model_validate({**data, "spec": spec})
+
+
+class _SpecOf(ApiModel):
+    """The spec of a body alone, so that its errors are located under spec."""
+
+    spec: FinetuneJobSpec
+
+
+def _plain(value: Any) -> Any:
+    """kopf's views of a body (Spec, Status, Meta) as the plain mappings they wrap."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")

@@ -41,6 +41,7 @@ REASON_OOM_KILLED = "OOMKilled"
 REASON_DEADLINE_EXCEEDED = "DeadlineExceeded"
 REASON_BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
 REASON_DISRUPTION_LIMIT_EXCEEDED = "DisruptionLimitExceeded"
+REASON_EVICTED = "Evicted"
 REASON_JOB_FAILED = "JobFailed"
 TRAINER_REASONS = frozenset(REASONS.values())
 """Every trainer reason (ConfigError, DataError, ...) may appear as the Failed condition's reason."""

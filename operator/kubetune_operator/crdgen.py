@@ -72,7 +72,9 @@ def _convert(node: Schema, defs: dict[str, Schema]) -> Schema:
         inner = _convert(non_null[0], defs)
         rest = {k: v for k, v in node.items() if k != "anyOf"}
         merged = {**inner, **_convert(rest, defs)}
-        if len(non_null) != len(variants):
+        if len(non_null) != len(variants) and not ("enum" in merged and merged.get("default") is None):
+            # A null the apiserver keeps is checked against the enum, which cannot list null; without nullable it prunes
+            # the null instead, and a field left out is what the model's None default means.
             merged["nullable"] = True
         if merged.get("default", ...) is None:
             del merged["default"]

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from kubetune_api import disk
 from kubetune_api.exitcodes import NON_RETRIABLE
 from kubetune_api.fit import GpuMemorySource, training_overrides
 from kubetune_api.recipe import TrainingRecipe
@@ -237,12 +238,13 @@ def _tolerations(job: FinetuneJob, prepare: bool = False) -> list[Manifest]:
     return tolerations
 
 
-def _volumes(job: FinetuneJob) -> tuple[list[Manifest], list[Manifest]]:
+def _volumes(job: FinetuneJob, model_parameters: int | None = None) -> tuple[list[Manifest], list[Manifest]]:
     name = job.metadata.name
+    scratch = job.spec.resources.scratch_size or disk.scratch_size(model_parameters)
     volumes: list[Manifest] = [
         {"name": "config", "configMap": {"name": config_map_name(name)}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": job.spec.resources.shm_size}},
-        {"name": "scratch", "emptyDir": {"sizeLimit": job.spec.resources.scratch_size}},
+        {"name": "scratch", "emptyDir": {"sizeLimit": scratch}},
         {"name": "tmp", "emptyDir": {"sizeLimit": job.spec.resources.tmp_size}},
     ]
     mounts: list[Manifest] = [
@@ -258,8 +260,8 @@ def _volumes(job: FinetuneJob) -> tuple[list[Manifest], list[Manifest]]:
     return volumes, mounts
 
 
-def _container(job: FinetuneJob, settings: OperatorSettings, prepare: bool = False) -> Manifest:
-    _, mounts = _volumes(job)
+def _container(job: FinetuneJob, settings: OperatorSettings, prepare: bool = False, model_parameters: int | None = None) -> Manifest:
+    _, mounts = _volumes(job, model_parameters)
     container: Manifest = {
         "name": CONTAINER_NAME,
         "image": job.spec.resources.image or settings.trainer_image,
@@ -288,9 +290,9 @@ def _container(job: FinetuneJob, settings: OperatorSettings, prepare: bool = Fal
     return container
 
 
-def _pod_spec(job: FinetuneJob, settings: OperatorSettings, prepare: bool = False) -> Manifest:
+def _pod_spec(job: FinetuneJob, settings: OperatorSettings, prepare: bool = False, model_parameters: int | None = None) -> Manifest:
     spec = job.spec.resources
-    volumes, _ = _volumes(job)
+    volumes, _ = _volumes(job, model_parameters)
     pod: Manifest = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -303,7 +305,7 @@ def _pod_spec(job: FinetuneJob, settings: OperatorSettings, prepare: bool = Fals
             "fsGroup": RUN_AS_USER,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [_container(job, settings, prepare)],
+        "containers": [_container(job, settings, prepare, model_parameters)],
         "volumes": volumes,
     }
     if settings.trainer_image_pull_secrets:
@@ -349,8 +351,9 @@ def pod_failure_policy() -> Manifest:
     }
 
 
-def build_job(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
-    """batch/v1 Job `<name>-trainer`: one pod per node; an Indexed Job when nodes > 1."""
+def build_job(job: FinetuneJob, settings: OperatorSettings, preparation: PreparationReport | None = None) -> Manifest:
+    """batch/v1 Job `<name>-trainer`: one pod per node; an Indexed Job when nodes > 1. The preparation's report, when
+    there is one, sizes the scratch volume from the model."""
     spec = job.spec
     name = job.metadata.name
     extra_labels = {LABEL_KUEUE_QUEUE: spec.queue_name} if spec.queue_name else None
@@ -364,7 +367,7 @@ def build_job(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
                 "labels": child_labels(name),
                 "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(settings.trainer_metrics_port)},
             },
-            "spec": _pod_spec(job, settings),
+            "spec": _pod_spec(job, settings, model_parameters=preparation.model_parameters if preparation else None),
         },
     }
     if spec.resources.nodes > 1:
@@ -438,5 +441,5 @@ def build_children(
     for optional in (build_service(job, settings), build_peer_network_policy(job, settings)):
         if optional is not None:
             children.append(optional)
-    children.append(build_job(job, settings))
+    children.append(build_job(job, settings, preparation))
     return children

@@ -24,6 +24,7 @@ from kubetune_operator.conditions import (
     REASON_DEADLINE_EXCEEDED,
     REASON_DISRUPTION_LIMIT_EXCEEDED,
     REASON_DOES_NOT_FIT,
+    REASON_EVICTED,
     REASON_FINISHING,
     REASON_IMAGE_PULL,
     REASON_JOB_FAILED,
@@ -50,6 +51,7 @@ from kubetune_operator.conditions import (
     SUSPENDED,
     TRAINER_REASONS,
 )
+from kubetune_operator.evictions import disruption_summary, eviction_advice, eviction_text
 
 Obj = dict[str, Any]
 
@@ -183,9 +185,10 @@ def job_phase(spec: FinetuneJob, job: Obj, pods: list[Obj], verdict: Verdict) ->
     disrupted = disruptions(pods)
     if disrupted > spec.spec.max_disruptions:
         verdict.phase = Phase.FAILED
+        advice = disruption_summary(pods, spec.spec.resources) or "look for node pressure (disk, memory) or preemption by higher-priority pods"
         verdict.message = (
             f"trainer pods were evicted or preempted {disrupted} times, more than spec.maxDisruptions={spec.spec.max_disruptions}; "
-            "look for node pressure (disk, memory) or preemption by higher-priority pods, then create the job again"
+            f"{advice}, then create the job again"
         )
         verdict.set(FAILED, True, REASON_DISRUPTION_LIMIT_EXCEEDED, verdict.message)
         return
@@ -258,6 +261,8 @@ def _pod_phase(spec: FinetuneJob, pods: list[Obj], failed_pods: list[Obj], verdi
         reason, message = _failure_reason(failed_pods[0])
         if reason == REASON_OOM_KILLED:
             message = _oom_advice(spec)
+        elif reason == REASON_EVICTED or disruptions(failed_pods[:1]):
+            message = eviction_advice(eviction_text(failed_pods[0]), spec.spec.resources) or message
         verdict.message = f"attempt failed ({reason}), retrying from the newest checkpoint: {message}".rstrip(": ")
         verdict.set(RUNNING, False, REASON_RETRYING if reason not in (REASON_OOM_KILLED,) else REASON_OOM_KILLED, verdict.message)
         return

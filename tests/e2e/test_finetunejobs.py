@@ -23,6 +23,7 @@ from tests.support.invalid_specs import INVALID_SPECS, InvalidSpec, apply_change
 pytestmark = pytest.mark.e2e
 
 LONG_RUN = {"training": {"maxSteps": 400, "checkpointEvery": 25, "logEvery": 5}}
+"""How far above the loss at a kill the first loss after the resume may be (the same data order and weights)."""
 
 
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -154,6 +155,15 @@ def test_too_many_gpus_reports_unschedulable(stack: Stack) -> None:
         stack.kubectl("delete", "ftj", "too-many-gpus", "-n", stack.settings.jobs_namespace)
 
 
+def progress_of(stack: Stack, name: str) -> dict[str, Any]:
+    progress: dict[str, Any] = stack.finetunejob(name).get("status", {}).get("progress") or {}
+    return progress
+
+
+def running_trainer_pods(stack: Stack, name: str) -> list[dict[str, Any]]:
+    return [p for p in trainer_pods(stack, name) if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+
+
 def test_killed_trainer_resumes_from_its_checkpoint(stack: Stack) -> None:
     body = stack.example("tiny-cpu-lora.yaml", **LONG_RUN)
     body["metadata"]["name"] = "killed"
@@ -161,13 +171,28 @@ def test_killed_trainer_resumes_from_its_checkpoint(stack: Stack) -> None:
     checkpoint_step = wait_for_checkpoint(stack, "killed")
     pod = next(p for p in trainer_pods(stack, "killed") if p["status"].get("phase") == "Running")
     stack.crash_pod(pod)
+    # The replacement's first progress after its resume, and never two trainers at once.
+    after: dict[str, Any] = {}
+
+    def resumed() -> bool:
+        running = running_trainer_pods(stack, "killed")
+        assert len(running) <= 1, f"two trainer pods run at once: {[p['metadata']['name'] for p in running]}"
+        progress = progress_of(stack, "killed")
+        replaced = any(p["metadata"]["uid"] != pod["metadata"]["uid"] for p in running)
+        if replaced and progress.get("loss") is not None and int(progress.get("step", 0)) > checkpoint_step:
+            after.update(progress)
+        return bool(after) or stack.finetunejob("killed")["status"].get("phase") in ("Succeeded", "Failed")
+
+    stack.wait_for(resumed, 600, "progress of the replacement trainer", interval=0.2)
     status = stack.wait_for_phase("killed", {"Succeeded", "Failed"}, timeout=600)["status"]
     assert status["phase"] == "Succeeded", status
     assert status["result"]["steps"] == LONG_RUN["training"]["maxSteps"]
     assert status["result"]["resumedFromStep"] >= checkpoint_step
+    attempts = [attempt["pod"] for attempt in status["usage"]["attempts"]]
+    assert len(set(attempts)) == len(attempts) >= 2 and pod["metadata"]["name"] in attempts, attempts
     if stack.crash_fails_pod:
         # A force-deleted pod (external clusters) may vanish before the Job controller counts it as failed.
-        assert status["attempts"] >= 2
+        assert status["attempts"] == 2
         # The killed attempt wrote no termination message: what it reached and its newest checkpoint come from the
         # metrics the operator read while it ran; the steps after that checkpoint were run again.
         killed, *_ = status["usage"]["attempts"]
@@ -176,7 +201,7 @@ def test_killed_trainer_resumes_from_its_checkpoint(stack: Stack) -> None:
         assert killed["reachedStep"] >= killed["checkpointStep"], status["usage"]
         assert status["usage"]["redoneSteps"] == killed["redoneSteps"] == killed["reachedStep"] - killed["checkpointStep"], status["usage"]
         assert (killed["lostSeconds"] > 0) == (killed["redoneSteps"] > 0) and killed["lostSeconds"] <= killed["seconds"], status["usage"]
-    assert len(trainer_jobs(stack, "killed")) == 1
+    assert after, "no progress was read from the replacement trainer before the run ended"
 
 
 def test_operator_restart_creates_no_duplicates(stack: Stack) -> None:
@@ -185,6 +210,8 @@ def test_operator_restart_creates_no_duplicates(stack: Stack) -> None:
     stack.apply(body)
     wait_for_checkpoint(stack, "operator-restart")
     before = stack.finetunejob("operator-restart")["status"]["progress"]["step"]
+    (job_before,) = trainer_jobs(stack, "operator-restart")
+    (pod_before,) = running_trainer_pods(stack, "operator-restart")
     stack.kubectl("delete", "pod", "-n", stack.settings.operator_namespace, "-l", "app.kubernetes.io/name=kubetune")
     stack.kubectl("rollout", "status", "deployment", "-n", stack.settings.operator_namespace, "--timeout=120s")
     stack.wait_for(
@@ -197,7 +224,11 @@ def test_operator_restart_creates_no_duplicates(stack: Stack) -> None:
     )
     status = stack.wait_for_phase("operator-restart", {"Succeeded", "Failed"}, timeout=600)["status"]
     assert status["phase"] == "Succeeded", status
-    assert len(trainer_jobs(stack, "operator-restart")) == 1
+    # The trainer the first operator started is the one that finished: same Job, same single pod, no resume.
+    assert [job["metadata"]["uid"] for job in trainer_jobs(stack, "operator-restart")] == [job_before["metadata"]["uid"]]
+    assert status["attempts"] == 1 and "resumedFromStep" not in status["result"], status
+    assert [attempt["pod"] for attempt in status["usage"]["attempts"]] == [pod_before["metadata"]["name"]]
+    assert [p["metadata"]["uid"] for p in trainer_pods(stack, "operator-restart")] == [pod_before["metadata"]["uid"]]
 
 
 def test_deleting_a_running_job_leaves_nothing(stack: Stack) -> None:
@@ -263,14 +294,21 @@ def test_suspend_and_resume(stack: Stack) -> None:
     body["metadata"]["name"] = "suspended"
     stack.apply(body)
     namespace = stack.settings.jobs_namespace
-    wait_for_checkpoint(stack, "suspended")
+    periodic = wait_for_checkpoint(stack, "suspended")
+    # Suspended past its periodic checkpoint, the step reached is kept only by the checkpoint taken on SIGTERM.
+    stack.wait_for(lambda: int(progress_of(stack, "suspended").get("step", 0)) > periodic, 120, "progress past the checkpoint", interval=0.2)
+    at_suspension = int(progress_of(stack, "suspended")["step"])
     stack.kubectl("patch", "ftj", "suspended", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
     stack.wait_for_phase("suspended", {"Suspended"}, timeout=120)
     stack.wait_for(lambda: not trainer_pods(stack, "suspended"), 120, "the trainer pods to stop")
+    suspended = stack.finetunejob("suspended")["status"]
+    sigterm_step = int(suspended["lastCheckpoint"]["step"])
+    assert sigterm_step >= at_suspension > periodic, (periodic, at_suspension, suspended["lastCheckpoint"])
     stack.kubectl("patch", "ftj", "suspended", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}')
     status = stack.wait_for_phase("suspended", {"Succeeded", "Failed"}, timeout=600)["status"]
     assert status["phase"] == "Succeeded", status
     assert status["result"]["steps"] == LONG_RUN["training"]["maxSteps"]
+    assert status["result"]["resumedFromStep"] == sigterm_step, status["result"]
 
 
 def test_spec_changed_while_the_operator_was_down_reaches_the_job(stack: Stack) -> None:

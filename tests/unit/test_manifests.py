@@ -14,6 +14,7 @@ from kubetune_api.runtime import RuntimeConfig, TrainerConfig, TrainerEnvironmen
 from kubetune_operator import api, manifests
 from kubetune_operator.api import FinetuneJob
 from kubetune_operator.settings import OperatorSettings
+from tests.support.reports import preparation_report
 
 pytestmark = pytest.mark.unit
 
@@ -465,3 +466,18 @@ def test_a_multi_node_job_gets_a_network_policy_admitting_its_own_pods_only() ->
     assert [child["kind"] for child in manifests.build_children(gang, on)] == ["ConfigMap", "Service", "NetworkPolicy", "Job"]
     assert manifests.build_peer_network_policy(make(), on) is None
     assert manifests.build_peer_network_policy(gang, OperatorSettings()) is None
+
+
+def test_an_unset_scratch_size_is_derived_from_the_model_the_preparation_read() -> None:
+    """8B parameters: 16-bit weights twice (download and merged model) with a quarter more, plus 20Gi."""
+    eight_b = preparation_report(model_parameters=8_030_261_248)
+    job = manifests.build_children(make(resources={"gpus": 1}), SETTINGS, eight_b)[-1]
+    volumes = {v["name"]: v for v in pod_spec(job)["volumes"]}
+    assert volumes["scratch"]["emptyDir"] == {"sizeLimit": "58Gi"}
+    seventy_b = manifests.build_children(make(resources={"gpus": 8}), SETTINGS, preparation_report(model_parameters=70_553_706_496))[-1]
+    assert {v["name"]: v for v in pod_spec(seventy_b)["volumes"]}["scratch"]["emptyDir"] == {"sizeLimit": "349Gi"}
+    # A size in the spec wins; an unknown model size keeps the default.
+    chosen = manifests.build_children(make(resources={"gpus": 1, "scratchSize": "64Gi"}), SETTINGS, eight_b)[-1]
+    assert {v["name"]: v for v in pod_spec(chosen)["volumes"]}["scratch"]["emptyDir"] == {"sizeLimit": "64Gi"}
+    unknown = manifests.build_children(make(resources={"gpus": 1}), SETTINGS, preparation_report())[-1]
+    assert {v["name"]: v for v in pod_spec(unknown)["volumes"]}["scratch"]["emptyDir"] == {"sizeLimit": "200Gi"}

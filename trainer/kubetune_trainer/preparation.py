@@ -131,6 +131,7 @@ class Preparation:
             cache_uri=self.store.uri(object_key),
             cache_key=key,
             fit=decision,
+            model_parameters=shape.parameters,
             duration_seconds=round(time.monotonic() - started, 3),
         )
         logs.event("preparation finished", **report.to_api())

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
+import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -83,6 +84,8 @@ class LocalCluster:
         self._api_url: str | None = None
         self._watchdog = Watchdog(config.workdir) if watchdog else None
         self._apiserver_only = apiserver_only
+        self._launches: dict[str, tuple[list[str], str, Callable[[], bool]]] = {}
+        """Per component: its command line, and what its readiness probe checks and how."""
 
     # ----- public properties -------------------------------------------------------
 
@@ -171,6 +174,18 @@ class LocalCluster:
         if survivors:
             raise ClusterStopError("processes still running after SIGKILL: " + ", ".join(survivors))
 
+    def restart(self, name: str, down_seconds: float = 0.0) -> None:
+        """Stop one component (``etcd``, ``kube-apiserver``...), leave it down ``down_seconds``, and start it again with the
+        same command line, ports and data: what a node reboot or a control-plane upgrade does to it. Returns once ready."""
+        argv, what, ready = self._launches[name]
+        (record,) = [r for r in self._records if r.name == name]
+        if not terminate(record, self._popens.pop(record.pid, None), self.config.stop_timeout_seconds):
+            raise ClusterStopError(f"{name} (pid {record.pid}) is still running after SIGKILL")
+        self._records.remove(record)
+        time.sleep(down_seconds)
+        wait_for(what, ready, self.config.start_timeout_seconds, self._spawn(name, argv))
+        self._write_state()
+
     def __enter__(self) -> LocalCluster:
         self.start()
         return self
@@ -232,6 +247,7 @@ class LocalCluster:
     # ----- internals ---------------------------------------------------------------
 
     def _spawn(self, name: str, argv: list[str]) -> ProcessRecord:
+        # Appending keeps the log of the run before a restart.
         popen, record = spawn(name, argv, self.logs_dir / f"{name}.log", self.workdir)
         self._records.append(record)
         self._popens[record.pid] = popen
@@ -288,12 +304,17 @@ class LocalCluster:
         self._api_url = f"https://127.0.0.1:{ports.apiserver}"
         kubeconfigs = self._write_kubeconfigs(pki)
 
-        etcd = self._spawn("etcd", components.etcd_argv(config, ports))
-        wait_for("etcd /health", lambda: http_ok(f"http://127.0.0.1:{ports.etcd_client}/health"), timeout, etcd)
-
-        apiserver = self._spawn("kube-apiserver", components.apiserver_argv(config, ports, pki))
         admin_context = admin_ssl_context(pki.ca.cert, pki.admin.cert, pki.admin.key)
-        wait_for("kube-apiserver /readyz", lambda: http_ok(f"{self.api_url}/readyz", admin_context), timeout, apiserver)
+        api_url = self.api_url
+        self._launches["etcd"] = (components.etcd_argv(config, ports), "etcd /health", lambda: http_ok(f"http://127.0.0.1:{ports.etcd_client}/health"))
+        self._launches["kube-apiserver"] = (
+            components.apiserver_argv(config, ports, pki),
+            "kube-apiserver /readyz",
+            lambda: http_ok(f"{api_url}/readyz", admin_context),
+        )
+        for name in ("etcd", "kube-apiserver"):
+            argv, what, ready = self._launches[name]
+            wait_for(what, ready, timeout, self._spawn(name, argv))
         if self._apiserver_only:
             self._write_state()
             return

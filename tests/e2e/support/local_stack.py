@@ -170,6 +170,11 @@ class KubetuneStack(Stack):
         assert self.cluster is not None, "the stack is not started"
         return str(self.cluster.bin_dir / "helm")
 
+    def restart_control_plane(self, component: str, down_seconds: float) -> None:
+        """Stop etcd or the kube-apiserver for ``down_seconds`` and start it again, with its data."""
+        assert self.cluster is not None, "the stack is not started"
+        self.cluster.restart(component, down_seconds)
+
     def crash_pod(self, pod: dict[str, Any]) -> None:
         """SIGKILL every process the node agent runs for the trainer pod."""
         pids = pids_of_pod(pod["metadata"]["name"])
