@@ -42,6 +42,7 @@ class TrainerMetric(StrEnum):
     GPU_MEMORY_RESERVED = "kubetune_trainer_gpu_memory_reserved_bytes"
     GPU_MEMORY_PEAK = "kubetune_trainer_gpu_memory_peak_bytes"
     GPU_MEMORY_TOTAL = "kubetune_trainer_gpu_memory_total_bytes"
+    GPU_MEMORY_USED = "kubetune_trainer_gpu_memory_used_bytes"
     GPU_UTILIZATION = "kubetune_trainer_gpu_utilization_ratio"
 
 

@@ -180,6 +180,11 @@ class FusedKernels(StrEnum):
     OFF = "off"
 
 
+class Sharding(StrEnum):
+    NONE = "none"
+    FSDP = "fsdp"
+
+
 class TrainingSpec(ApiModel):
     """Optimisation settings. Set exactly one of epochs or maxSteps."""
 
@@ -241,6 +246,15 @@ class TrainingSpec(ApiModel):
     )
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="Decoupled weight decay of the adapter weights.")
     max_grad_norm: float = Field(default=1.0, ge=0, description="Clip the global gradient norm to this value; 0 disables clipping.")
+    sharding: Sharding = Field(
+        default=Sharding.NONE,
+        description=(
+            "How the processes of a multi-GPU run share the model. none: every GPU holds the whole model (data parallel, DDP). "
+            "fsdp: each GPU holds 1/N of the base weights, gathered layer by layer as they are used (FSDP2), for base models "
+            "larger than one GPU; with qlora the 4-bit weights are stored in the compute dtype so every shard is alike. "
+            "Checkpoints gather the adapter and optimizer state and resume on the same number of processes. Ignored with one process."
+        ),
+    )
     seed: int = Field(default=42, ge=0, description="Seed for initialisation, shuffling and dropout.")
     checkpoint_every: int = Field(
         default=100,

@@ -23,7 +23,6 @@ from tests.support.invalid_specs import INVALID_SPECS, InvalidSpec, apply_change
 pytestmark = pytest.mark.e2e
 
 LONG_RUN = {"training": {"maxSteps": 400, "checkpointEvery": 25, "logEvery": 5}}
-"""How far above the loss at a kill the first loss after the resume may be (the same data order and weights)."""
 
 
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:

@@ -20,14 +20,14 @@ def test_an_operator_killed_between_the_config_map_and_the_job_creates_the_job_o
     """The process dies after its ConfigMap write and before its Job write (the kill is a raise in the kube module,
     there being no real process to kill in this tier); the next process adopts the ConfigMap and creates one Job."""
     created = harness.create_finetunejob("halfway")
-    apply = harness.reconciler.kube.apply
+    create = harness.reconciler.kube.create
 
-    def dies_before_the_job(manifest: dict[str, Any], uid: str | None = None) -> dict[str, Any]:
+    def dies_before_the_job(manifest: dict[str, Any]) -> bool:
         if manifest["kind"] == "Job":
             raise Killed
-        return apply(manifest, uid)
+        return create(manifest)
 
-    monkeypatch.setattr(harness.reconciler.kube, "apply", dies_before_the_job)
+    monkeypatch.setattr(harness.reconciler.kube, "create", dies_before_the_job)
     with pytest.raises(Killed):
         harness.ensure("halfway")
     left = harness.read("ConfigMap", manifests.config_map_name("halfway"))
@@ -44,6 +44,6 @@ def test_an_operator_killed_between_the_config_map_and_the_job_creates_the_job_o
     assert config_map is not None and config_map["metadata"]["uid"] == left["metadata"]["uid"], "the ConfigMap was replaced, not adopted"
     mounted = {volume["configMap"]["name"] for volume in job["spec"]["template"]["spec"]["volumes"] if "configMap" in volume}
     assert mounted == {config_map["metadata"]["name"]}
-    assert harness.writes("apply", "job") == 1
+    assert harness.writes("create", "job") == 1
     status = harness.status("halfway")
     assert (status["phase"], status["jobName"]) == ("Pending", job["metadata"]["name"])

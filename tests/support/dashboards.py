@@ -40,6 +40,7 @@ CONTRACT_METRICS = frozenset(
         "kubetune_trainer_gpu_memory_reserved_bytes",
         "kubetune_trainer_gpu_memory_peak_bytes",
         "kubetune_trainer_gpu_memory_total_bytes",
+        "kubetune_trainer_gpu_memory_used_bytes",
         "kubetune_trainer_gpu_utilization_ratio",
         "kubetune_trainer_info",
         "kubetune_operator_finetunejobs",

@@ -24,6 +24,17 @@ def test_quantization_config_4bit_nf4_double_quant() -> None:
     assert config.bnb_4bit_compute_dtype == torch.bfloat16
 
 
+def test_sharded_qlora_stores_its_4bit_weights_in_the_compute_dtype() -> None:
+    """FSDP shards every weight of a group alike: packed 4-bit data in uint8 next to bf16 weights would not be."""
+    import torch
+
+    from kubetune_trainer.model import quantization_config
+
+    spec = QuantizationSpec(bits=4, type="nf4", double_quant=True, compute_dtype="bfloat16")
+    assert quantization_config(spec, sharded=True).bnb_4bit_quant_storage == torch.bfloat16
+    assert quantization_config(spec).bnb_4bit_quant_storage == torch.uint8
+
+
 def test_quantization_config_fp4_and_8bit_and_none() -> None:
     import torch
 

@@ -153,6 +153,7 @@ TRAINER_EXPOSITION = (
             ("memory_reserved_bytes", 7e9),
             ("memory_peak_bytes", 6.5e9),
             ("memory_total_bytes", 8e10),
+            ("memory_used_bytes", 7.5e9),
             ("utilization_ratio", 0.9),
         )
     )

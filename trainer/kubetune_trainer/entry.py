@@ -17,9 +17,17 @@ from kubetune_trainer import distributed, logs, result
 from kubetune_trainer.config import read_config
 from kubetune_trainer.distributed import Context
 from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.gpu_metrics import FiguresWriter
 from kubetune_trainer.metrics import TrainerMetrics
 from kubetune_trainer.recipe import LoRARecipe
 from kubetune_trainer.training import StopFlag
+
+GPU_FIGURES_FOLDER = "gpu-figures"
+
+
+def figures_dir(config: TrainerConfig) -> Path:
+    """Where the pod's training processes leave their GPU figures for the one that serves /metrics."""
+    return Path(config.runtime.work_dir) / GPU_FIGURES_FOLDER
 
 
 def serve_metrics(config: TrainerConfig, ctx: Context, environment: TrainerEnvironment) -> TrainerMetrics | None:
@@ -31,6 +39,7 @@ def serve_metrics(config: TrainerConfig, ctx: Context, environment: TrainerEnvir
         config.runtime.job_name,
         ctx.node_rank,
         {"method": config.method.value, "base_model": config.model.source, "revision": config.model.revision or ""},
+        figures_dir=figures_dir(config),
     )
     host = environment.pod_ip or "0.0.0.0"
     port = metrics.serve(host, config.runtime.metrics_port)
@@ -53,6 +62,10 @@ def run(config: TrainerConfig, environment: TrainerEnvironment | None = None) ->
     stop = StopFlag()
     stop.install()
     metrics = serve_metrics(config, ctx, environment)
+    # The other processes of a GPU pod hand their allocator figures to the serving one.
+    figures = FiguresWriter(figures_dir(config), ctx.local_rank) if use_cuda and not ctx.is_local_main else None
+    if figures is not None:
+        figures.start()
     recipe = LoRARecipe(config, ctx, environment, metrics=metrics, stop=stop, started=started)
     try:
         recipe.setup()
@@ -66,6 +79,8 @@ def run(config: TrainerConfig, environment: TrainerEnvironment | None = None) ->
             metrics.linger(config.runtime.metrics_linger_seconds)
         return code
     finally:
+        if figures is not None:
+            figures.stop()
         recipe.cleanup()
     return ExitCode.SUCCESS
 

@@ -13,12 +13,20 @@ from kubetune_api.serving import AdapterFacts
 from kubetune_trainer import model
 
 
-def save_adapter(peft_model: Any, tokenizer: Any, adapter_dir: Path) -> None:
-    """Write adapter_model.safetensors, adapter_config.json and the tokenizer files into ``adapter_dir``."""
+def save_adapter(peft_model: Any, tokenizer: Any, adapter_dir: Path, weights: dict[str, Any] | None = None) -> None:
+    """Write adapter_model.safetensors, adapter_config.json and the tokenizer files into ``adapter_dir``.
+
+    ``weights``: the adapter gathered from a sharded model (peft's keys), whose own parameters hold shards only."""
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
     adapter_dir.mkdir(parents=True)
-    peft_model.save_pretrained(adapter_dir, safe_serialization=True)
+    if weights is None:
+        peft_model.save_pretrained(adapter_dir, safe_serialization=True)
+    else:
+        from safetensors.torch import save_file
+
+        peft_model.peft_config[peft_model.active_adapter].save_pretrained(adapter_dir)
+        save_file(weights, str(adapter_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(adapter_dir)
 
 

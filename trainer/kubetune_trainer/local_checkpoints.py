@@ -123,8 +123,12 @@ def save(
     scheduler: Any,
     state: TrainingState,
     rng_states: list[dict[str, Any]],
+    gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> Path:
-    """Write checkpoint ``step-<state.step>`` under ``root``; ``rng_states`` holds one entry per rank."""
+    """Write checkpoint ``step-<state.step>`` under ``root``; ``rng_states`` holds one entry per rank.
+
+    ``gathered`` is a sharded run's adapter and optimizer state (``sharding.gather_trainable``), used instead of the
+    model's and optimizer's own."""
     target = step_dir(root, state.step)
     if target.exists():
         shutil.rmtree(target)
@@ -132,8 +136,9 @@ def save(
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    save_file(adapter_state(model), str(partial / ADAPTER_FILE))
-    torch.save(optimizer.state_dict(), partial / OPTIMIZER_FILE)
+    adapter, optimizer_state = gathered if gathered is not None else (adapter_state(model), optimizer.state_dict())
+    save_file(adapter, str(partial / ADAPTER_FILE))
+    torch.save(optimizer_state, partial / OPTIMIZER_FILE)
     torch.save(scheduler.state_dict(), partial / SCHEDULER_FILE)
     for rank, rng in enumerate(rng_states):
         torch.save(rng, partial / rng_file(rank))
@@ -195,17 +200,24 @@ def check(directory: Path) -> None:
     _state(directory)
 
 
-def load(directory: Path, *, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int) -> TrainingState:
-    """Restore a checkpoint written by ``save`` into the given objects; returns the training state."""
+def load(directory: Path, *, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int, sharded: bool = False) -> TrainingState:
+    """Restore a checkpoint written by ``save`` into the given objects; returns the training state.
+
+    ``sharded``: the model is sharded (FSDP2); every rank loads the full state and keeps its shard."""
     from peft import set_peft_model_state_dict
 
     inner = peft_model_of(model)
-    result = set_peft_model_state_dict(inner, _weights(directory))
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"checkpoint {directory} does not match the adapter layout (unexpected keys {unexpected[:5]})")
-    device = next(p.device for p in inner.parameters() if p.requires_grad)
-    optimizer.load_state_dict(safe_load(directory / OPTIMIZER_FILE, map_location=device))
+    if sharded:
+        from kubetune_trainer import sharding
+
+        sharding.load_trainable(inner, optimizer, _weights(directory), safe_load(directory / OPTIMIZER_FILE, map_location="cpu"))
+    else:
+        result = set_peft_model_state_dict(inner, _weights(directory))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"checkpoint {directory} does not match the adapter layout (unexpected keys {unexpected[:5]})")
+        device = next(p.device for p in inner.parameters() if p.requires_grad)
+        optimizer.load_state_dict(safe_load(directory / OPTIMIZER_FILE, map_location=device))
     scheduler.load_state_dict(safe_load(directory / SCHEDULER_FILE))
     rng_path = directory / rng_file(rank)
     if rng_path.is_file():

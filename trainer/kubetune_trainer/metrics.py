@@ -1,17 +1,16 @@
 """Prometheus metrics of one trainer pod, served by local rank 0 on runtime.metricsPort.
 
 Series names and labels are the contract's (``kubetune_api.metrics``). Training values are pushed by the loop at its log
-interval (no extra device syncs); process and GPU values are read when Prometheus scrapes.
-NVML is imported only when CUDA is in use: it is absent or not permitted in many containers.
+interval (no extra device syncs); process and GPU values are read when Prometheus scrapes, the GPU ones for every GPU
+of the pod (``kubetune_trainer.gpu_metrics``).
 """
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import psutil
@@ -19,73 +18,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kubetune_api.metrics import LABEL_FINETUNEJOB, LABEL_GPU, LABEL_NAMESPACE, LABEL_RANK, TrainerMetric
-from kubetune_trainer.environment import ProcessEnvironment
+from kubetune_api.metrics import LABEL_FINETUNEJOB, LABEL_NAMESPACE, LABEL_RANK, TrainerMetric
+from kubetune_trainer.gpu_metrics import AllocatorReader, GpuCollector, NvmlReader, cuda_allocator_figures
 from kubetune_trainer.storage.settings import Direction
 
 SAVE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 class ProcessCollector(Collector):
-    """Resident memory of this process and GPU memory/utilisation, read at scrape time."""
+    """Resident memory of the serving process, read at scrape time."""
 
     def __init__(self, labels: dict[str, str]) -> None:
         self.labels = labels
-        self.visible_devices = ProcessEnvironment().cuda_visible_devices
-        self._nvml: Any = None
-        self._nvml_failed = False
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        names = list(self.labels)
-        values = list(self.labels.values())
-        rss = GaugeMetricFamily(TrainerMetric.RESIDENT_MEMORY, "Resident memory of the trainer process in bytes.", labels=names)
-        rss.add_metric(values, float(resident_memory()))
+        rss = GaugeMetricFamily(TrainerMetric.RESIDENT_MEMORY, "Resident memory of the trainer process in bytes.", labels=list(self.labels))
+        rss.add_metric(list(self.labels.values()), float(resident_memory()))
         yield rss
-        yield from self._gpu(names, values)
-
-    def _gpu(self, names: list[str], values: list[str]) -> Iterator[GaugeMetricFamily]:
-        # Never initialise CUDA from a scrape: only report when the trainer already uses it.
-        torch = sys.modules.get("torch")
-        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
-            return
-        gpu_names = [*names, LABEL_GPU]
-        families = {
-            "allocated": GaugeMetricFamily(TrainerMetric.GPU_MEMORY_ALLOCATED, "GPU memory held by tensors in bytes.", labels=gpu_names),
-            "reserved": GaugeMetricFamily(TrainerMetric.GPU_MEMORY_RESERVED, "GPU memory reserved by the caching allocator in bytes.", labels=gpu_names),
-            "peak": GaugeMetricFamily(TrainerMetric.GPU_MEMORY_PEAK, "Peak GPU memory held by tensors in bytes.", labels=gpu_names),
-            "total": GaugeMetricFamily(TrainerMetric.GPU_MEMORY_TOTAL, "Total memory of the GPU in bytes.", labels=gpu_names),
-        }
-        util = GaugeMetricFamily(TrainerMetric.GPU_UTILIZATION, "GPU busy time ratio reported by NVML (0..1).", labels=gpu_names)
-        for index in range(torch.cuda.device_count()):
-            label_values = [*values, str(index)]
-            families["allocated"].add_metric(label_values, float(torch.cuda.memory_allocated(index)))
-            families["reserved"].add_metric(label_values, float(torch.cuda.memory_reserved(index)))
-            families["peak"].add_metric(label_values, float(torch.cuda.max_memory_allocated(index)))
-            families["total"].add_metric(label_values, float(torch.cuda.get_device_properties(index).total_memory))
-            ratio = self._utilization(index)
-            if ratio is not None:
-                util.add_metric(label_values, ratio)
-        yield from families.values()
-        yield util
-
-    def _utilization(self, index: int) -> float | None:
-        if self._nvml_failed:
-            return None
-        try:
-            if self._nvml is None:
-                import pynvml
-
-                pynvml.nvmlInit()
-                self._nvml = pynvml
-            # CUDA_VISIBLE_DEVICES renumbers devices; NVML uses physical indices.
-            visible = self.visible_devices
-            physical = visible.split(",")[index] if visible and not visible.startswith("GPU-") else str(index)
-            handle = self._nvml.nvmlDeviceGetHandleByIndex(int(physical))
-            return float(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu) / 100.0
-        except Exception:
-            # NVML missing or not permitted in this container: utilisation is simply not reported.
-            self._nvml_failed = True
-            return None
 
 
 def resident_memory() -> int:
@@ -96,7 +45,18 @@ def resident_memory() -> int:
 class TrainerMetrics:
     """The registry of one pod and typed setters used by the training loop."""
 
-    def __init__(self, namespace: str, finetunejob: str, rank: int, info: dict[str, str]) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        finetunejob: str,
+        rank: int,
+        info: dict[str, str],
+        *,
+        figures_dir: Path | None = None,
+        read_allocator: AllocatorReader = cuda_allocator_figures,
+        nvml: NvmlReader | None = None,
+    ) -> None:
+        """``figures_dir`` is where the pod's other training processes write their GPU figures (``FiguresWriter``)."""
         # *_created series double the output and no dashboard uses them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
@@ -142,6 +102,7 @@ class TrainerMetrics:
         for labelled in (self.tokens, self.retries, self.save_seconds, self.upload_seconds):
             labelled.labels(**self.labels)
         self.registry.register(ProcessCollector(self.labels))
+        self.registry.register(GpuCollector(self.labels, figures_dir, read_allocator, nvml))
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -34,8 +34,11 @@ OUTPUT_HEADS = frozenset({"lm_head", "embed_out", "output"})
 # ---- pure translators -----------------------------------------------------------------------
 
 
-def quantization_config(spec: QuantizationSpec | None) -> Any:
-    """BitsAndBytesConfig for QLoRA, or None for plain LoRA."""
+def quantization_config(spec: QuantizationSpec | None, *, sharded: bool = False) -> Any:
+    """BitsAndBytesConfig for QLoRA, or None for plain LoRA.
+
+    ``sharded`` (FSDP): the packed 4-bit weights are stored in the compute dtype, so shards of quantized and plain
+    weights share one dtype (peft's and bitsandbytes' recipe for QLoRA with FSDP)."""
     if spec is None:
         return None
     from transformers import BitsAndBytesConfig as _BitsAndBytesConfig
@@ -50,7 +53,7 @@ def quantization_config(spec: QuantizationSpec | None) -> Any:
         bnb_4bit_use_double_quant=spec.double_quant,
         bnb_4bit_compute_dtype=dtype_from_name(spec.compute_dtype.value),
         # Keeps norms and the head in the compute dtype instead of upcasting them (saves memory).
-        bnb_4bit_quant_storage=dtype_from_name("uint8"),
+        bnb_4bit_quant_storage=dtype_from_name(spec.compute_dtype.value if sharded else "uint8"),
     )
 
 
@@ -236,7 +239,9 @@ def load_tokenizer(files: ModelFiles, trust_remote_code: bool) -> Any:
     return tokenizer
 
 
-def load_base_model(files: ModelFiles, *, dtype_name: str, quantization: QuantizationSpec | None, device: str, trust_remote_code: bool) -> Any:
+def load_base_model(
+    files: ModelFiles, *, dtype_name: str, quantization: QuantizationSpec | None, device: str, trust_remote_code: bool, sharded: bool = False
+) -> Any:
     """The frozen base model on ``device``, quantized for QLoRA."""
     from transformers import AutoModelForCausalLM as _Auto
 
@@ -248,7 +253,7 @@ def load_base_model(files: ModelFiles, *, dtype_name: str, quantization: Quantiz
         "trust_remote_code": trust_remote_code,
         "dtype": dtype_from_name(dtype_name),
     }
-    quant = quantization_config(quantization)
+    quant = quantization_config(quantization, sharded=sharded)
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device}

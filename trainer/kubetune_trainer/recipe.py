@@ -21,7 +21,7 @@ from kubetune_api.quality import EvaluationReport
 from kubetune_api.recipe import OutputSpec, Precision
 from kubetune_api.result import CheckpointRef, PreparationReport, SkippedCheckpoint, TerminationMessage, TrainingResult
 from kubetune_api.runtime import TrainerConfig, TrainerEnvironment
-from kubetune_trainer import disk, distributed, evaluation, export, local_checkpoints, log_archive, logs, model, result, training
+from kubetune_trainer import disk, distributed, evaluation, export, local_checkpoints, log_archive, logs, model, result, sharding, training
 from kubetune_trainer.data.prepare import prepare_data
 from kubetune_trainer.distributed import Context
 from kubetune_trainer.divergence import DivergenceWatch
@@ -64,6 +64,7 @@ class LoRARecipe:
         self.metrics = metrics
         self.stop = stop or StopFlag()
         self.started = time.monotonic() if started is None else started
+        self.sharded = sharding.enabled(config.training, ctx)
         runtime = config.runtime
         self.work_dir = Path(runtime.work_dir)
         # Scratch folders named as their S3 counterparts are (kubetune_api.layout).
@@ -122,7 +123,9 @@ class LoRARecipe:
         self._prepare_data()
         # The chunked loss never holds full-vocabulary fp32 logits: the largest item of QLoRA's peak memory.
         self.model = build_loss_model(self.peft_model, config.training, ctx.device)
-        if ctx.distributed:
+        if self.sharded:
+            self.model = sharding.shard(self.model, self.peft_model, ctx)
+        elif ctx.distributed:
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
         params = [p for p in self.peft_model.parameters() if p.requires_grad]
         self.optimizer = training.build_optimizer(config.training, params, cuda=ctx.device.type == "cuda")
@@ -178,6 +181,7 @@ class LoRARecipe:
             quantization=quant,
             device=str(ctx.device),
             trust_remote_code=config.model.trust_remote_code,
+            sharded=self.sharded,
         )
         return model.apply_lora(base, config.lora, gradient_checkpointing=config.training.gradient_checkpointing)
 
@@ -213,7 +217,9 @@ class LoRARecipe:
         if found is None:
             return TrainingState()
         directory = local_checkpoints.step_dir(self.checkpoint_root, found.step)
-        state = local_checkpoints.load(directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, rank=self.ctx.rank)
+        state = local_checkpoints.load(
+            directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, rank=self.ctx.rank, sharded=self.sharded
+        )
         self.stream.load_state_dict(state.data)
         self.last_checkpoint = found
         self.resumed_from_step = found.step
@@ -330,11 +336,12 @@ class LoRARecipe:
         """Save locally (rank 0, every rank's RNG included), then upload in the background."""
         ctx = self.ctx
         rng_states = distributed.gather_objects(local_checkpoints.capture_rng(), ctx)
+        gathered = sharding.gather_trainable(self.peft_model, self.optimizer) if self.sharded else None
         if not ctx.is_main:
             return
         began = time.monotonic()
         local = local_checkpoints.save(
-            self.checkpoint_root, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=state, rng_states=rng_states
+            self.checkpoint_root, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=state, rng_states=rng_states, gathered=gathered
         )
         if self.metrics is not None:
             self.metrics.save_seconds.labels(**self.metrics.labels).observe(time.monotonic() - began)
@@ -378,7 +385,9 @@ class LoRARecipe:
             )
             distributed.barrier(self.ctx)
             raise evaluation.rejected(report, kept)
-        published = self._publish(outcome, report.to_api() if report else None) if self.ctx.is_main else None
+        # A sharded adapter is gathered by every rank; rank 0 writes it.
+        weights = sharding.gather_trainable(self.peft_model, self.optimizer)[0] if self.sharded else None
+        published = self._publish(outcome, report.to_api() if report else None, weights) if self.ctx.is_main else None
         distributed.barrier(self.ctx)
         if self.ctx.is_local_main:
             self._report_success(outcome, published, report)
@@ -390,10 +399,10 @@ class LoRARecipe:
         )
         return {**manifest, "evaluation": report}
 
-    def _publish(self, outcome: training.Outcome, report: dict[str, Any] | None) -> PublishResult:
+    def _publish(self, outcome: training.Outcome, report: dict[str, Any] | None, weights: dict[str, torch.Tensor] | None) -> PublishResult:
         config = self.config
         adapter_dir = self.output_dir / layout.ADAPTER_FOLDER
-        export.save_adapter(self.peft_model, self.tokenizer, adapter_dir)
+        export.save_adapter(self.peft_model, self.tokenizer, adapter_dir, weights)
         manifest = self._manifest(outcome, report)
         # Provenance: exactly which base model and data went in (the data cache key covers the dataset digest).
         manifest["baseModel"]["resolvedRevision"] = self.files.resolved or getattr(getattr(self.peft_model, "config", None), "_commit_hash", None)

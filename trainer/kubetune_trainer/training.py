@@ -364,8 +364,8 @@ def _micro_batches(
         memory.check(int(batch.inputs["input_ids"].shape[0]))
         inputs = to_device(batch.inputs, ctx.device)
         sync = micro == accumulation - 1
-        # DDP all-reduces gradients only on the last micro-batch of a step.
-        no_sync = model.no_sync() if ctx.distributed and not sync else contextlib.nullcontext()
+        # DDP all-reduces gradients only on the last micro-batch of a step; FSDP reduce-scatters each one (it has no no_sync).
+        no_sync = model.no_sync() if ctx.distributed and not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
         with no_sync:
             with autocast(precision, ctx.device):
                 loss = forward_loss(model, inputs) / accumulation
