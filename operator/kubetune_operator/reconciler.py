@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 
 import kopf
 from pydantic import ValidationError
@@ -27,6 +28,8 @@ from kubetune_operator.status import Observed, compute_status, invalid_spec_stat
 from kubetune_operator.verdict import conditions_of, disruptions, newest_first, preparation_report, rank
 
 MIB = 1024**2
+
+log = logging.getLogger(__name__)
 
 PROGRESS_READERS = 8
 """Trainers whose metrics are read at once (each read blocks a thread for up to the scrape timeout)."""
@@ -395,4 +398,13 @@ class Reconciler:
                     self.refresh(key, watched)
             keys = self.runtime.running_keys()
             for batch in range(0, len(keys), PROGRESS_READERS):
-                await asyncio.gather(*(asyncio.to_thread(self.read_progress, key) for key in keys[batch : batch + PROGRESS_READERS]))
+                await asyncio.gather(*(asyncio.to_thread(self._read_progress_or_log, key) for key in keys[batch : batch + PROGRESS_READERS]))
+
+    def _read_progress_or_log(self, key: Key) -> None:
+        """A failed read (the apiserver restarting while the status is written) is logged and counted: an exception
+        would end the ticker, and no trainer's progress would be read again in this process."""
+        try:
+            self.read_progress(key)
+        except Exception:
+            self.runtime.metrics.reconcile_errors.labels(kind="ProgressError").inc()
+            log.warning("reading the progress of %s/%s failed; the next tick reads it again", *key, exc_info=True)

@@ -3,6 +3,7 @@ the garbage collector, Kueue and the user), driven as kopf's handlers drive it, 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.server
 import threading
@@ -294,3 +295,28 @@ def test_the_operators_calls_reuse_their_connections(harness: Harness) -> None:
         harness.job_changed(f"pooled-{index}")  # status patches
     opened = sum(pool.num_connections for pool in (pools[key] for key in pools.keys())) - opened_before
     assert opened <= 1, f"{opened} new connections for 4 FinetuneJobs' creates, Events and status patches"
+
+
+def test_the_progress_ticker_outlives_a_read_that_fails(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A status write refused while the apiserver restarts must not end the ticker: before, the exception ended
+    its task silently, and no trainer's progress was read again until the operator restarted."""
+    harness.restart(progress_interval_seconds=0.05)
+    harness.running("ticking")
+    reads: list[str] = []
+
+    def read_progress(key: tuple[str, str]) -> None:
+        reads.append(key[1])
+        if len(reads) == 1:
+            raise ConnectionRefusedError("the apiserver is restarting")
+
+    monkeypatch.setattr(harness.reconciler, "read_progress", read_progress)
+
+    async def tick_for_a_while() -> None:
+        ticker = asyncio.create_task(harness.reconciler.poll_progress())
+        await asyncio.sleep(0.5)
+        assert not ticker.done(), f"the ticker ended: {ticker.exception()!r}"
+        ticker.cancel()
+
+    asyncio.run(tick_for_a_while())
+    assert len(reads) >= 3, reads
+    assert harness.metrics.registry.get_sample_value("kubetune_operator_reconcile_errors_total", {"kind": "ProgressError"}) == 1
