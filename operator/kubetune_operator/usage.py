@@ -21,7 +21,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kubetune_operator import manifests
+from kubetune_operator import podspec
 from kubetune_operator.api import FinetuneJob
 from kubetune_operator.progress import TrainerSample
 from kubetune_operator.usagespec import AttemptUsage, GpuPrices, Usage
@@ -38,7 +38,7 @@ def _time(value: Any) -> datetime | None:
 
 def _container_state(pod: dict[str, Any]) -> dict[str, Any]:
     for container in (pod.get("status") or {}).get("containerStatuses") or []:
-        if container.get("name") == manifests.CONTAINER_NAME:
+        if container.get("name") == podspec.CONTAINER_NAME:
             return dict(container.get("state") or {})
     return {}
 

@@ -12,7 +12,7 @@ from kubetune_api.estimate import format_bytes
 from kubetune_api.exitcodes import REASONS, ExitCode
 from kubetune_api.fit import FitDecision
 from kubetune_api.result import PreparationReport, TerminationMessage
-from kubetune_operator import manifests
+from kubetune_operator import manifests, podspec
 from kubetune_operator.api import FinetuneJob, Phase
 from kubetune_operator.conditions import (
     FAILED,
@@ -78,7 +78,7 @@ def _true(conditions: dict[str, Obj], kind: str) -> bool:
 
 def _trainer_state(pod: Obj) -> Obj:
     for container in (pod.get("status") or {}).get("containerStatuses") or []:
-        if container.get("name") == manifests.CONTAINER_NAME:
+        if container.get("name") == podspec.CONTAINER_NAME:
             return dict(container)
     return {}
 

@@ -20,7 +20,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kubetune_operator import api, manifests
+from kubetune_operator import api, manifests, podspec
 from kubetune_operator.kube import Kube
 from kubetune_operator.metrics import Health, OperatorMetrics
 from kubetune_operator.reconciler import Reconciler
@@ -254,10 +254,10 @@ class Harness:
                     {"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"], "uid": job["metadata"]["uid"], "controller": True}
                 ],
             },
-            "spec": {"containers": [{"name": manifests.CONTAINER_NAME, "image": "localhost/kubetune-trainer:test"}], "automountServiceAccountToken": False},
+            "spec": {"containers": [{"name": podspec.CONTAINER_NAME, "image": "localhost/kubetune-trainer:test"}], "automountServiceAccountToken": False},
         }
         created: Obj = decoded(self.core.create_namespaced_pod(NAMESPACE, client.V1Pod.model_validate(pod), _preload_content=False))
-        running = {"name": manifests.CONTAINER_NAME, "image": "x", "imageID": "", "ready": True, "restartCount": 0, "state": {"running": {"startedAt": NOW}}}
+        running = {"name": podspec.CONTAINER_NAME, "image": "x", "imageID": "", "ready": True, "restartCount": 0, "state": {"running": {"startedAt": NOW}}}
         status = {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "containerStatuses": [running]}
         self.core.patch_namespaced_pod_status(created["metadata"]["name"], NAMESPACE, {"status": status}, _content_type="application/merge-patch+json")
         return created

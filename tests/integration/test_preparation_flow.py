@@ -10,7 +10,7 @@ from kubernetes import client
 
 from kubetune_api.result import TerminationMessage
 from kubetune_api.runtime import TrainerConfig
-from kubetune_operator import manifests
+from kubetune_operator import manifests, podspec
 from tests.integration.harness import NAMESPACE, NOW, Harness, decoded
 from tests.support.reports import data_report, preparation_report
 
@@ -28,12 +28,12 @@ def finish_preparation(harness: Harness, name: str, message: TerminationMessage)
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": f"{job['metadata']['name']}-0", "labels": manifests.child_labels(name), "ownerReferences": [owner]},
-        "spec": {"containers": [{"name": manifests.CONTAINER_NAME, "image": "localhost/kubetune-trainer:test"}], "automountServiceAccountToken": False},
+        "spec": {"containers": [{"name": podspec.CONTAINER_NAME, "image": "localhost/kubetune-trainer:test"}], "automountServiceAccountToken": False},
     }
     created = decoded(harness.core.create_namespaced_pod(NAMESPACE, client.V1Pod.model_validate(pod), _preload_content=False))
     code = message.exit_code
     terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error", "message": message.encode().decode(), "startedAt": NOW, "finishedAt": NOW}
-    container = {"name": manifests.CONTAINER_NAME, "image": "x", "imageID": "", "ready": False, "restartCount": 0, "state": {"terminated": terminated}}
+    container = {"name": podspec.CONTAINER_NAME, "image": "x", "imageID": "", "ready": False, "restartCount": 0, "state": {"terminated": terminated}}
     status = {"phase": "Succeeded" if code == 0 else "Failed", "containerStatuses": [container]}
     harness.core.patch_namespaced_pod_status(created["metadata"]["name"], NAMESPACE, {"status": status}, _content_type="application/merge-patch+json")
     kinds = ("SuccessCriteriaMet", "Complete") if code == 0 else ("FailureTarget", "Failed")

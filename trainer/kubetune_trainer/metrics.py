@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 import psutil
@@ -21,6 +22,9 @@ from prometheus_client.registry import Collector
 from kubetune_api.metrics import LABEL_FINETUNEJOB, LABEL_NAMESPACE, LABEL_RANK, TrainerMetric
 from kubetune_trainer.gpu_metrics import AllocatorReader, GpuCollector, NvmlReader, cuda_allocator_figures
 from kubetune_trainer.storage.settings import Direction
+
+if TYPE_CHECKING:
+    from kubetune_trainer.training import Progress
 
 SAVE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -111,6 +115,25 @@ class TrainerMetrics:
 
     def add_tokens(self, n: int) -> None:
         self.tokens.labels(**self.labels).inc(n)
+
+    def record_start(self, step: int, total_steps: int, last_checkpoint_step: int | None) -> None:
+        """Where a run starts (0, or the step it resumed from), before its first log interval."""
+        self.set(self.total_steps, total_steps)
+        self.set(self.step, step)
+        self.set(self.progress, step / total_steps)
+        if last_checkpoint_step is not None:
+            self.set(self.last_checkpoint_step, last_checkpoint_step)
+
+    def record_progress(self, p: Progress, processes: int, local_processes: int) -> None:
+        """One log interval; throughput and tokens are this pod's share (its ``local_processes`` of ``processes``)."""
+        self.set(self.step, p.step)
+        self.set(self.epoch, p.epoch)
+        self.set(self.progress, p.step / p.total_steps)
+        self.set(self.loss, p.loss)
+        self.set(self.learning_rate, p.learning_rate)
+        self.set(self.tokens_per_second, p.tokens_per_second / processes * local_processes)
+        self.set(self.eta, p.eta_seconds)
+        self.add_tokens(int(p.interval_tokens / processes * local_processes))
 
     # StorageObserver protocol, so S3 traffic is counted without storage importing metrics.
     def on_bytes(self, direction: Direction, n: int) -> None:

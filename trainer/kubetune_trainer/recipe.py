@@ -9,7 +9,6 @@ failure ends in ``errors.classify`` so the exit code and reason are the ones in 
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from kubetune_trainer.preparation import in_trainer_report, load_prepared_data
 from kubetune_trainer.storage.publish import PublishResult, run_manifest
 from kubetune_trainer.storage.run import RunFiles
 from kubetune_trainer.storage.store import S3Store
+from kubetune_trainer.storage.uploads import CheckpointUploads
 from kubetune_trainer.training import StopFlag
 
 LOCAL_CHECKPOINTS_KEPT = 2
@@ -81,8 +81,7 @@ class LoRARecipe:
         self.watch = DivergenceWatch(config.training.divergence)
         self.base_eval_loss: float | None = None
         self.log_archive = log_archive.attach() if ctx.is_main else None
-        self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
-        self._pending_upload: Future[CheckpointRef] | None = None
+        self.uploads = CheckpointUploads(metrics, after_each=self._upload_log)
         # Bound by setup(), not here: that is where a run can first fail, and a failure is reported through this object.
         self.store: S3Store
         self.run_files: RunFiles
@@ -144,7 +143,8 @@ class LoRARecipe:
             world_size=ctx.world_size,
             device=str(ctx.device),
         )
-        self._set_static_metrics()
+        if self.metrics is not None:
+            self.metrics.record_start(self.state.step, self.total_steps, self.last_checkpoint.step if self.last_checkpoint is not None else None)
 
     def store_for(self, output: OutputSpec) -> S3Store:
         """A store for ``output`` (spec.output, or it with another bucket) that feeds this pod's metrics."""
@@ -236,16 +236,6 @@ class LoRARecipe:
         if self.ctx.is_main:
             logs.event("base evaluation", eval_loss=self.base_eval_loss)
 
-    def _set_static_metrics(self) -> None:
-        if self.metrics is None:
-            return
-        m = self.metrics
-        m.set(m.total_steps, self.total_steps)
-        m.set(m.step, self.state.step)
-        m.set(m.progress, self.state.step / self.total_steps)
-        if self.last_checkpoint is not None:
-            m.set(m.last_checkpoint_step, self.last_checkpoint.step)
-
     # ---- train ----------------------------------------------------------------------------------
 
     def train(self) -> training.Outcome:
@@ -276,17 +266,8 @@ class LoRARecipe:
 
     def on_log(self, p: training.Progress) -> None:
         ctx = self.ctx
-        pod_share = p.interval_tokens / ctx.world_size * ctx.local_world_size
         if self.metrics is not None:
-            m = self.metrics
-            m.set(m.step, p.step)
-            m.set(m.epoch, p.epoch)
-            m.set(m.progress, p.step / p.total_steps)
-            m.set(m.loss, p.loss)
-            m.set(m.learning_rate, p.learning_rate)
-            m.set(m.tokens_per_second, p.tokens_per_second / ctx.world_size * ctx.local_world_size)
-            m.set(m.eta, p.eta_seconds)
-            m.add_tokens(int(pod_share))
+            self.metrics.record_progress(p, ctx.world_size, ctx.local_world_size)
         if ctx.is_main:
             logs.event(
                 "progress",
@@ -349,24 +330,12 @@ class LoRARecipe:
         # One upload at a time: the previous must finish before its folder may be pruned.
         self._wait_for_upload()
         local_checkpoints.prune(self.checkpoint_root, LOCAL_CHECKPOINTS_KEPT)
-        self._pending_upload = self._uploads.submit(self._upload, local, state.step, state.losses[-1][1] if state.losses else None)
-
-    def _upload(self, local: Path, step: int, loss: float | None) -> CheckpointRef:
-        began = time.monotonic()
-        uploaded, pruned = self.run_files.save_checkpoint(local, step, {"loss": loss})
-        seconds = time.monotonic() - began
-        if self.metrics is not None:
-            m = self.metrics
-            m.upload_seconds.labels(**m.labels).observe(seconds)
-            m.set(m.last_checkpoint_step, step)
-        logs.event("checkpoint uploaded", step=step, uri=uploaded.uri, seconds=round(seconds, 3), deleted_steps=pruned)
-        self._upload_log()
-        return uploaded
+        self.uploads.submit(self.run_files, local, state.step, state.losses[-1][1] if state.losses else None)
 
     def _wait_for_upload(self) -> None:
-        if self._pending_upload is not None:
-            self.last_checkpoint = self._pending_upload.result()
-            self._pending_upload = None
+        uploaded = self.uploads.wait()
+        if uploaded is not None:
+            self.last_checkpoint = uploaded
 
     # ---- save: adapter, publication, result -----------------------------------------------------
 
@@ -471,7 +440,7 @@ class LoRARecipe:
             logs.event("trainer log upload failed", level=30, key=key, error=str(error))
 
     def cleanup(self) -> None:
-        self._uploads.shutdown(wait=True, cancel_futures=True)
+        self.uploads.close()
         self._upload_log()
         log_archive.detach(self.log_archive)
         if self.metrics is not None:
