@@ -122,9 +122,11 @@ def usage(spec: FinetuneJob, pods: list[dict[str, Any]], seen: Seen) -> Usage | 
     """The job's GPU time: observed pods, plus the attempts recorded before whose pods are gone."""
     before = spec.status.usage.attempts if spec.status is not None and spec.status.usage is not None else []
     recorded = {a.pod: a for a in before}
-    found = (attempt_of(pod, seen, recorded.get(str((pod.get("metadata") or {}).get("name") or ""))) for pod in pods)
+    # Attempts in the order their pods were made (the names' random suffixes say nothing of it).
+    ordered = sorted(pods, key=lambda pod: (str((pod.get("metadata") or {}).get("creationTimestamp") or ""), str((pod.get("metadata") or {}).get("name"))))
+    found = (attempt_of(pod, seen, recorded.get(str((pod.get("metadata") or {}).get("name") or ""))) for pod in ordered)
     observed = {a.pod: a for a in found if a is not None}
-    attempts = [a for a in before if a.pod not in observed] + sorted(observed.values(), key=lambda a: a.pod)
+    attempts = [a for a in before if a.pod not in observed] + list(observed.values())
     if not attempts:
         return spec.status.usage if spec.status is not None else None
     attempts = attempts[-MAX_ATTEMPTS_KEPT:]

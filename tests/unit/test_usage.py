@@ -37,6 +37,14 @@ def test_gpu_seconds_sum_every_attempt_and_count_the_lost_work() -> None:
     assert [a["pod"] for a in usage["attempts"]] == ["a-1", "a-2"]
 
 
+def test_attempts_are_listed_in_the_order_their_pods_were_made() -> None:
+    """Pod names end in a random suffix: the replacement's name may sort before the pod it replaced."""
+    killed = pod("Failed", name="a-zz", created="2026-11-27T07:00:00Z", state=ended("2026-11-27T07:00:00Z", "2026-11-27T07:10:00Z", 1))
+    replacement = pod("Running", name="a-aa", created="2026-11-27T07:10:05Z", state={"running": {"startedAt": "2026-11-27T07:10:10Z"}})
+    status = compute_status(ftj(), observe(job=job(active=1, failed=1), pods=[replacement, killed]))
+    assert [a["pod"] for a in status["usage"]["attempts"]] == ["a-zz", "a-aa"]
+
+
 def test_an_attempt_without_a_checkpoint_loses_all_its_time() -> None:
     failed = pod("Failed", name="a-1", state=ended("2026-11-27T07:00:00Z", "2026-11-27T07:01:40Z", 1))
     usage = compute_status(ftj(resources={"gpus": 1}), observe(job=job(failed=1), pods=[failed]))["usage"]
