@@ -115,7 +115,7 @@ class PodRun:
     log: str
 
 
-def run_pod(pod: Obj, objects: LocalObjects, pod_dir: Path, allocatable: Mapping[str, str], watch: Callable[[Obj], None], interval: float = 1.0) -> PodRun:
+def run_pod(pod: Obj, objects: LocalObjects, pod_dir: Path, allocatable: Mapping[str, str], watch: Callable[[Obj], None], interval: float = 0.25) -> PodRun:
     """Run the pod's one container to its end as the node agent does; ``watch`` sees the running pod every ``interval``."""
     volumes = PodVolumes(pod_dir, pod_dir / "claims", objects, allocatable)
     volumes.prepare(pod)

@@ -29,7 +29,7 @@ def test_a_cpu_finetunejob_runs_through_the_pod_path_to_succeeded(tmp_path: Path
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KUBETUNE_", "PYTEST_"))}
     env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HOME": str(tmp_path)})
     done = subprocess.run(
-        [sys.executable, "bench/gpu_pod.py", "examples/tiny-cpu-qlora.yaml", "--max-steps", "6", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        [sys.executable, "bench/gpu_pod.py", "examples/tiny-cpu-qlora.yaml", "--max-steps", "30", "--workdir", str(tmp_path / "work"), "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -50,4 +50,4 @@ def test_a_cpu_finetunejob_runs_through_the_pod_path_to_succeeded(tmp_path: Path
     }, report["log_tail"]
     assert done.returncode == 0
     assert report["phases_seen"] == ["Running", "Succeeded"]
-    assert report["result"]["steps"] == 6 and report["result"]["adapterUri"].endswith("/adapter/")
+    assert report["result"]["steps"] == 30 and report["result"]["adapterUri"].endswith("/adapter/")
