@@ -129,6 +129,10 @@ def test_a_killed_sharded_run_resumes_with_the_same_loss_curve(
     watchdog.cancel()
     processes[0].communicate()
     drain.join(timeout=30)
+    for process in processes:  # closed here, not whenever the collector runs (a ResourceWarning fails the test)
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
     assert uploaded, "".join(lines)[-4000:]
     assert processes[0].returncode == -signal.SIGKILL, "the run ended before it could be killed"
 
