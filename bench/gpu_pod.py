@@ -143,7 +143,7 @@ def gpu_series(text: str) -> dict[str, dict[str, float]]:
 
 
 def verify_adapter(uri: str, body: Obj, server: MotoS3Server) -> bool:
-    from kubetune_api.recipe import OutputSpec
+    from kubetune_api.output import OutputSpec
     from kubetune_trainer.storage.publish import verify_publication
     from kubetune_trainer.storage.store import S3Store
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from kubetune_api.recipe import SecretKeyRef
+from kubetune_api.output import SecretKeyRef
 from kubetune_api.schema import ApiModel
 
 MAX_SINKS = 8

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from kubetune_api import layout
-from kubetune_api.recipe import OutputSpec
+from kubetune_api.output import OutputSpec
 from kubetune_api.result import PublishedRun
 from kubetune_api.runtime import TrainerEnvironment
 from kubetune_operator import manifests

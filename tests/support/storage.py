@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune_api.recipe import OutputSpec
+from kubetune_api.output import OutputSpec
 from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer.storage.fencing import Attempt
 from kubetune_trainer.storage.settings import StoreSettings

@@ -12,7 +12,7 @@ import datasets
 import pytest
 
 from kubetune_api.exitcodes import ExitCode
-from kubetune_api.recipe import OutputSpec
+from kubetune_api.output import OutputSpec
 from kubetune_api.runtime import TrainerConfig, TrainerEnvironment
 from kubetune_trainer.data import prepare as prepare_module
 from kubetune_trainer.data.errors import DataError

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from kubetune_api.exitcodes import NON_RETRIABLE, ExitCode
-from kubetune_api.recipe import ModelSpec, OutputSpec, SecretKeyRef
+from kubetune_api.output import OutputSpec, SecretKeyRef
+from kubetune_api.recipe import ModelSpec
 from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer.errors import ConfigError, ModelError
 from kubetune_trainer.hub import HubUnavailableError

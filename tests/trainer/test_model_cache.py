@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_api.recipe import ModelSpec, OutputSpec
+from kubetune_api.output import OutputSpec
+from kubetune_api.recipe import ModelSpec
 from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer import model
 from kubetune_trainer.storage.store import S3Store

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_api.recipe import ModelSpec, OutputSpec
+from kubetune_api.output import OutputSpec
+from kubetune_api.recipe import ModelSpec
 from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer.errors import ModelError
 from kubetune_trainer.storage.store import S3Store

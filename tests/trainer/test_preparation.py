@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_api.recipe import OutputSpec
+from kubetune_api.output import OutputSpec
 from kubetune_api.result import TerminationMessage
 from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer.storage.store import S3Store

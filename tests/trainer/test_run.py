@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_api.recipe import OutputSpec
+from kubetune_api.output import OutputSpec
 from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer.storage.store import S3Store
 from tests.support.s3 import DUMMY_SECRET_ACCESS_KEY, MotoS3Server

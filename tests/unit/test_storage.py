@@ -14,7 +14,7 @@ import pytest
 
 from kubetune_api.exitcodes import NON_RETRIABLE, ExitCode
 from kubetune_api.layout import join_key
-from kubetune_api.recipe import OutputSpec
+from kubetune_api.output import OutputSpec
 from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer.storage.errors import StorageAccessError, StorageError, StorageUnavailableError
 from kubetune_trainer.storage.paths import parse_s3_uri, safe_relative_path, sha256_file
@@ -251,6 +251,14 @@ def test_unreachable_endpoint_gives_up_after_the_retry_budget(tmp_path: Path) ->
     assert "s3://bucket/a.json" in caught.value.message and "reachable" in caught.value.message
     assert "a-secret-value" not in caught.value.message
     assert observer.retries >= 1
+
+
+@pytest.mark.unit
+def test_the_retry_budget_comes_from_spec_output() -> None:
+    output = OutputSpec(bucket="bucket", endpoint_url="http://127.0.0.1:9", retry_timeout_seconds=42)
+    env = TrainerEnvironment.model_validate({"AWS_ACCESS_KEY_ID": "key-id", "AWS_SECRET_ACCESS_KEY": "a-secret-value"})
+    assert S3Store.from_output(output, environment=env).settings.retry.max_total_seconds == 42
+    assert S3Store.from_output(OutputSpec(bucket="bucket"), environment=env).settings.retry.max_total_seconds == 300
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kubetune_api.exitcodes import NON_RETRIABLE, ExitCode
-from kubetune_api.recipe import OutputSpec, S3CredentialsRef
+from kubetune_api.output import OutputSpec, S3CredentialsRef
 from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer.errors import classify
 from kubetune_trainer.storage.errors import StorageCredentialsError

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from kubetune_api.exitcodes import ExitCode
-from kubetune_api.recipe import ModelSpec, OutputSpec, Precision
+from kubetune_api.output import OutputSpec
+from kubetune_api.recipe import ModelSpec, Precision
 from kubetune_api.result import MAX_BYTES, CheckpointRef
 from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer.errors import ConfigError, ModelError, TrainerError, classify, redact

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune_api.recipe import ALL_LINEAR, LoraSpec, ModelSpec, OutputSpec, Precision, QuantizationSpec
+from kubetune_api.output import OutputSpec
+from kubetune_api.recipe import ALL_LINEAR, LoraSpec, ModelSpec, Precision, QuantizationSpec
 from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer.errors import ConfigError, ModelError
 from kubetune_trainer.hub import load_error

@@ -22,7 +22,7 @@ from kubetune_api import layout
 from kubetune_api.estimate import ModelShape, ModelShapeError
 from kubetune_api.exitcodes import ExitCode
 from kubetune_api.fit import FitDecision, fit
-from kubetune_api.recipe import OutputSpec
+from kubetune_api.output import OutputSpec
 from kubetune_api.result import DataReport, LengthQuantiles, PreparationReport, TerminationMessage
 from kubetune_api.runtime import TrainerConfig, TrainerEnvironment
 from kubetune_trainer import logs, model, result

@@ -16,8 +16,9 @@ import torch
 
 from kubetune_api import layout
 from kubetune_api.exitcodes import ExitCode
+from kubetune_api.output import OutputSpec
 from kubetune_api.quality import EvaluationReport
-from kubetune_api.recipe import OutputSpec, Precision
+from kubetune_api.recipe import Precision
 from kubetune_api.result import CheckpointRef, PreparationReport, SkippedCheckpoint, TerminationMessage, TrainingResult
 from kubetune_api.runtime import TrainerConfig, TrainerEnvironment
 from kubetune_trainer import disk, distributed, evaluation, export, local_checkpoints, log_archive, logs, model, result, sharding, training

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from kubetune_api.dataset import DatasetSpec
-from kubetune_api.recipe import OutputSpec
+from kubetune_api.output import OutputSpec
 from kubetune_api.runtime import TrainerConfig, TrainerEnvironment
 from kubetune_trainer.data import batches
 from kubetune_trainer.data.batches import Batch, BatchStream, Collator

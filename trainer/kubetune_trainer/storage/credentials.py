@@ -5,7 +5,7 @@ Credential values are only tested for presence here; they never appear in a mess
 
 from __future__ import annotations
 
-from kubetune_api.recipe import OutputSpec
+from kubetune_api.output import OutputSpec
 from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer.storage.errors import StorageCredentialsError
 

@@ -31,13 +31,13 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from kubetune_api import layout
-from kubetune_api.recipe import OutputSpec
+from kubetune_api.output import OutputSpec
 from kubetune_api.runtime import TrainerEnvironment
 from kubetune_trainer.storage.credentials import check_secret_credentials
 from kubetune_trainer.storage.errors import PreconditionFailed, StorageError, StorageIntegrityError, error_code, http_status
 from kubetune_trainer.storage.paths import iter_files, json_bytes, object_sha256, safe_relative_path, sha256_file
 from kubetune_trainer.storage.retry import Retrier
-from kubetune_trainer.storage.settings import NullObserver, StorageObserver, StoreSettings
+from kubetune_trainer.storage.settings import NullObserver, RetryPolicy, StorageObserver, StoreSettings
 
 SHA256_METADATA_KEY = "sha256"
 """User metadata key (x-amz-meta-sha256) holding the hex SHA-256 of the whole object."""
@@ -97,7 +97,7 @@ class S3Store:
         """
         environment = environment or TrainerEnvironment()
         check_secret_credentials(output, environment)
-        settings = settings or StoreSettings()
+        settings = settings or StoreSettings(retry=RetryPolicy(max_total_seconds=output.retry_timeout_seconds))
         endpoint = output.endpoint_url or environment.aws_endpoint_url or None
         region = output.region or environment.aws_region or "us-east-1"
         config = Config(
