@@ -17,7 +17,7 @@ DOWN_SECONDS = 15.0
 """Long enough for the operator's watches and the status lane to fail their requests, short of any timeout."""
 
 
-@pytest.mark.parametrize("component", ["kube-apiserver"])
+@pytest.mark.parametrize("component", ["kube-apiserver", "etcd"])
 def test_a_control_plane_restart_in_the_middle_of_a_run_loses_nothing(stack: Stack, component: str) -> None:
     assert isinstance(stack, KubetuneStack)
     name = f"{component.removeprefix('kube-')}-restart"

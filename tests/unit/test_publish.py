@@ -210,3 +210,22 @@ def test_upload_survives_an_outage_in_the_middle(tmp_path: Path) -> None:
         copy = tmp_path / "copy.safetensors"
         store.download_file(f"{RUN_PREFIX}/adapter/adapter_model.safetensors", copy)
         assert copy.read_bytes() == (local / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.unit
+def test_an_outage_begun_by_the_first_adapter_upload_is_ridden_out(tmp_path: Path) -> None:
+    """The endpoint goes down at the first request of the publication itself, for 3 s; the store retries through it."""
+    outage_seconds = 3.0
+    with MotoS3Server() as server:
+        bucket = server.create_bucket()
+        observer = CountingObserver()
+        store = make_store(server, bucket, settings=StoreSettings(connect_timeout_seconds=1), observer=observer)
+        attempt = attempt_on(store, RUN_PREFIX)
+        began = server.outage_on(rb"^PUT /[^ ]*/adapter/", outage_seconds)
+        assert not began.is_set() and observer.retries == 0  # the attempt's own writes did not match
+        started = time.monotonic()
+        result = publish_adapter(store, write_adapter(tmp_path / "adapter"), attempt, EXTRA)
+        assert began.is_set(), "the outage never started"
+        assert time.monotonic() - started >= outage_seconds
+        assert observer.retries >= 1
+        assert verify_publication(store, result.uri, deep=True)

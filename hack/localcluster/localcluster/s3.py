@@ -3,7 +3,9 @@
 Outages are made at the TCP level. ``stop()`` closes the proxy's listening socket and every
 connection through it, so clients see refused connects and reset sockets exactly as during a
 network or endpoint outage, while the moto process behind it keeps its in-memory buckets; ``start()``
-listens on the same port again. Restarting moto itself would lose every object (its backend
+listens on the same port again. ``outage_on(pattern)`` starts such an outage at the moment a client sends a
+request that matches ``pattern`` (dropping that request), so a test can begin it at an exact point of a
+client's work, such as the first upload of a publication, instead of guessing the time. Restarting moto itself would lose every object (its backend
 lives only in process memory), which would make "the upload survives an outage" untestable;
 ``stop(keep_state=False)`` does that when a test wants a store that comes back empty.
 
@@ -14,6 +16,7 @@ Used by the local stack (``make demo``, the end-to-end suite) and, through the f
 from __future__ import annotations
 
 import os
+import re
 import select
 import socket
 import struct
@@ -92,10 +95,35 @@ class LoopbackProxy:
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._pumps: list[threading.Thread] = []
+        self._tripwire: tuple[re.Pattern[bytes], float | None, threading.Event] | None = None
 
     @property
     def running(self) -> bool:
         return self._listener is not None
+
+    def outage_on(self, pattern: bytes, seconds: float | None = None) -> threading.Event:
+        """Once, when bytes a client sends match ``pattern`` (a regular expression): drop them, ``stop()``, and
+        ``start()`` again after ``seconds`` (None: when the caller does). The Event is set once the outage began."""
+        began = threading.Event()
+        with self._lock:
+            self._tripwire = (re.compile(pattern), seconds, began)
+        return began
+
+    def _tripped(self, data: bytes) -> bool:
+        with self._lock:
+            wire = self._tripwire
+            if wire is None or not wire[0].search(data):
+                return False
+            self._tripwire = None
+        threading.Thread(target=self._outage, args=wire[1:], name=f"s3-outage-{self.port}", daemon=True).start()
+        return True
+
+    def _outage(self, seconds: float | None, began: threading.Event) -> None:
+        self.stop()
+        began.set()
+        if seconds is not None:
+            time.sleep(seconds)
+            self.start()
 
     def start(self) -> None:
         if self._listener is not None:
@@ -168,7 +196,7 @@ class LoopbackProxy:
                         if source not in broken:
                             _shutdown_write(target)
                         continue
-                    if source in broken:
+                    if source in broken or (source is client and self._tripped(data)):
                         continue
                     try:
                         target.sendall(data)
@@ -276,6 +304,10 @@ class MotoS3Server:
         if self._process is None or self._process.poll() is not None:
             self._start_backend()
         self._proxy.start()
+
+    def outage_on(self, pattern: bytes, seconds: float | None = None) -> threading.Event:
+        """An outage that begins when a client sends a request matching ``pattern`` (see ``LoopbackProxy.outage_on``)."""
+        return self._proxy.outage_on(pattern, seconds)
 
     def stop(self, *, keep_state: bool = True) -> None:
         """Drop every connection and refuse new ones; with ``keep_state=False`` moto exits too (all data lost)."""
