@@ -36,11 +36,16 @@ def publication_request(name: str) -> bytes:
     return rb"^PUT /[^ ]*/" + name.encode() + rb"/runs/[^/ ]+/adapter/"
 
 
-def s3_retries(pod: dict[str, Any]) -> float:
+def s3_retries(stack: Stack, pod: dict[str, Any]) -> float:
     """kubetune_trainer_s3_retries_total, read from the running trainer pod's own /metrics."""
     (port,) = [p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", []) if p["name"] == "metrics"]
-    with urllib.request.urlopen(f"http://{pod['status']['podIP']}:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
+    try:
+        with urllib.request.urlopen(f"http://{pod['status']['podIP']}:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError as error:
+        name = pod["metadata"]["labels"]["kubetune.io/finetunejob"]
+        seen = [p["status"] for p in trainer_pods(stack, name) if p["metadata"]["uid"] == pod["metadata"]["uid"]]
+        raise AssertionError(f"the trainer stopped serving /metrics during the outage ({error}); its pod: {seen}") from error
     return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == TrainerMetric.S3_RETRIES)
 
 
@@ -59,7 +64,7 @@ def test_an_s3_outage_while_publishing_is_ridden_out_by_the_same_attempt(stack: 
     stack.apply(body)
     stack.wait_for(began.is_set, 600, "the trainer's first publication request", interval=0.2)
     (pod,) = running_trainer_pods(stack, name)
-    stack.wait_for(lambda: s3_retries(pod) > 0, OUTAGE_SECONDS, "kubetune_trainer_s3_retries_total > 0 during the outage", interval=0.5)
+    stack.wait_for(lambda: s3_retries(stack, pod) > 0, OUTAGE_SECONDS, "kubetune_trainer_s3_retries_total > 0 during the outage", interval=0.5)
     assert stack.finetunejob(name)["status"]["phase"] == "Running"
     status = stack.wait_for_phase(name, {"Succeeded", "Failed"}, timeout=600)["status"]
     assert status["phase"] == "Succeeded", status
