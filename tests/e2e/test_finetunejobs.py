@@ -15,7 +15,7 @@ import pytest
 
 from kubetune_api.output import OutputSpec
 from kubetune_api.runtime import TrainerEnvironment
-from kubetune_trainer.storage.publish import verify_publication
+from kubetune_trainer.storage.publish import read_manifest, verify_publication
 from kubetune_trainer.storage.store import S3Store
 from tests.e2e.support.stack import Stack
 from tests.support.invalid_specs import INVALID_SPECS, InvalidSpec, apply_change
@@ -201,6 +201,27 @@ def test_killed_trainer_resumes_from_its_checkpoint(stack: Stack) -> None:
         assert status["usage"]["redoneSteps"] == killed["redoneSteps"] == killed["reachedStep"] - killed["checkpointStep"], status["usage"]
         assert (killed["lostSeconds"] > 0) == (killed["redoneSteps"] > 0) and killed["lostSeconds"] <= killed["seconds"], status["usage"]
     assert after, "no progress was read from the replacement trainer before the run ended"
+    assert_loss_continues(stack, status, checkpoint_step)
+
+
+def assert_loss_continues(stack: Stack, status: dict[str, Any], checkpoint_step: int) -> None:
+    """The replacement picked up the adapter where the checkpoint left it: its first logged loss is close to the loss
+    logged at the checkpoint, not back near where training began (a resume that lost the weights starts over)."""
+    assert stack.s3 is not None
+    uri = status["result"]["adapterUri"]
+    bucket = uri.removeprefix("s3://").split("/", 1)[0]
+    store = S3Store.from_output(
+        OutputSpec(bucket=bucket, endpoint_url=stack.s3.endpoint_url, region="us-east-1"), environment=TrainerEnvironment.model_validate(stack.s3.env())
+    )
+    manifest = read_manifest(store, uri)
+    assert manifest is not None, uri
+    history = {int(step): float(loss) for step, loss in manifest["metrics"]["lossHistory"]}
+    resumed = int(status["result"]["resumedFromStep"])
+    first, at_resume = history[min(history)], history[resumed]
+    after_resume = history[min(step for step in history if step > resumed)]
+    # Here the loss falls from about 7.6 to 2 by the first checkpoint (step 25) and is about 1.2 five steps later.
+    assert first - at_resume > 1.0, f"too little was learned by step {resumed} for the check to tell anything: {history}"
+    assert after_resume < at_resume + 0.25 * (first - at_resume), (checkpoint_step, resumed, first, at_resume, after_resume)
 
 
 def test_operator_restart_creates_no_duplicates(stack: Stack) -> None:
