@@ -13,7 +13,9 @@ The model is this trainer as it runs (kubetune_trainer.model, loss, training), n
 - Activations: what autograd saves in a Llama-style decoder layer with adapters (RMSNorm keeps an fp32
   copy of its input; each adapted layer's dropout keeps its mask and output; attention keeps q, k, v,
   its output and the log-sum-exp; the gated MLP keeps three intermediate tensors). With gradient
-  checkpointing only each layer's input is kept and one layer is recomputed at a time.
+  checkpointing only each layer's input is kept and one layer is recomputed at a time. With
+  offloadActivations those saved tensors wait in host memory; the GPU holds the layer being computed
+  and the next one in transfer.
 - The loss (``LossModel``): above 256 MiB of fp32 logits per micro-batch the cross entropy runs in
   chunks of 1,024 tokens recomputed in the backward pass; below, the model's own loss holds the logits.
 
@@ -182,6 +184,8 @@ class EstimateInput:
     """Weights, gradients and optimizer states split across the GPUs (FSDP) instead of replicated (DDP)."""
     chunked_loss: bool = True
     """kubetune's LossModel (chunked above 256 MiB of logits); False: the model's own loss over all logits."""
+    offload_activations: bool = False
+    """Saved activations kept in pinned host memory between the forward and the backward pass (kubetune_trainer.offload)."""
     fp32_unquantized: bool = False
     """QLoRA with the unquantized weights upcast to fp32, as peft's prepare_model_for_kbit_training does (kubetune does not)."""
 
@@ -304,10 +308,12 @@ def estimate(inputs: EstimateInput) -> MemoryBreakdown:
     per_layer = layer_activation_bytes(inputs)
     # The final norm's fp32 input copy and the final hidden states feed the loss.
     tail = t * h * (4 + p)
+    # Offloaded, a layer's saved tensors are on the GPU only while that layer runs and while the next one's are copied.
+    resident_layers = min(layers, 2) if inputs.offload_activations else layers
     if inputs.gradient_checkpointing:
-        activations = layers * t * h * p + per_layer + tail
+        activations = resident_layers * t * h * p + per_layer + tail
     else:
-        activations = layers * per_layer + tail
+        activations = resident_layers * per_layer + tail
     logits, _ = loss_bytes(inputs)
     # Backward through a layer: activation gradients of the MLP (two intermediate-sized, two hidden-sized) and,
     # for quantized weights, the largest weight dequantized to the compute dtype.
@@ -369,6 +375,7 @@ def inputs_for(
         optimizer=training.optimizer,
         gpus=max(1, gpus),
         sharded=sharded,
+        offload_activations=training.offload_activations,
     )
 
 
