@@ -328,21 +328,23 @@ class Reconciler:
             new = compute_status(ftj, observed)
             self.runtime.track(key, running=new.get("phase") == api.Phase.RUNNING)
             self._publish(key, body, new)
-            self._expire(key, ftj, job, new)
+            self._expire(key, ftj, [j for j in (job, prepare_job) if j is not None], new)
             if job is not None and disruptions(observed.pods) > ftj.spec.max_disruptions and not (job.get("spec") or {}).get("suspend"):
                 # The podFailurePolicy ignores disruptions, so the Job would replace evicted pods forever: stop it.
                 self.kube.patch_job_spec(key[0], job["metadata"]["name"], job["metadata"]["uid"], {"suspend": True})
 
-    def _expire(self, key: Key, ftj: api.FinetuneJob, job: Obj | None, written: Obj) -> None:
-        """spec.ttlSecondsAfterFinished, kept by the operator rather than the Job controller: the finished Job (and its
-        pods) goes only after ``written``, the status as the apiserver now holds it, records the outcome, so a Job
-        never disappears before its result is kept (a Job controller's TTL would delete it while the operator is down)."""
-        when = job_expiry(ftj, api.FinetuneJobStatus.model_validate(written)) if job is not None else None
-        if job is None or when is None or when > now():
+    def _expire(self, key: Key, ftj: api.FinetuneJob, jobs: list[Obj], written: Obj) -> None:
+        """spec.ttlSecondsAfterFinished, kept by the operator rather than the Job controller: the finished ``jobs``
+        (trainer and preparation, with their pods) go only after ``written``, the status as the apiserver now holds it,
+        records the outcome, so a Job never disappears before its result is kept (a Job controller's TTL would delete
+        it while the operator is down)."""
+        when = job_expiry(ftj, api.FinetuneJobStatus.model_validate(written)) if jobs else None
+        if not jobs or when is None or when > now():
             self.runtime.expire_at(key, when)
             return
         self.runtime.expire_at(key, None)
-        self.kube.delete_job(ftj.metadata.namespace, manifests.job_name(ftj.metadata.name), job["metadata"]["uid"])
+        for job in jobs:
+            self.kube.delete_job(ftj.metadata.namespace, job["metadata"]["name"], job["metadata"]["uid"])
 
     def _publish(self, key: Key, body: Obj, new: Obj) -> None:
         """Patch the status when it differs from what was last written or observed; post the Events the change calls for."""

@@ -181,9 +181,11 @@ def compute_status(spec: FinetuneJob, observed: Observed) -> Obj:
         verdict.message = f"adapter published at {result.adapter_uri}"
     progress = _progress(verdict.phase, observed, previous, result)
     job_status = (observed.job or {}).get("status") or {}
-    completion = job_status.get("completionTime")
+    # A run that failed in its preparation ends with the prepare Job; it never had a trainer Job.
+    last_job = observed.job if observed.job is not None else observed.prepare_job
+    completion = ((last_job or {}).get("status") or {}).get("completionTime")
     if verdict.phase is Phase.FAILED and not completion:
-        failed = conditions_of(observed.job).get("Failed") or {}
+        failed = conditions_of(last_job).get("Failed") or {}
         completion = failed.get("lastTransitionTime")
     status = FinetuneJobStatus(
         phase=verdict.phase,

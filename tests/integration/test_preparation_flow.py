@@ -68,3 +68,27 @@ def test_bad_data_fails_the_job_in_preparing_without_a_trainer_job(harness: Harn
     assert status["phase"] == "Failed" and "line 3" in status["message"]
     assert harness.job("bad-data") is None
     assert json.dumps(status).count("DataError") >= 1
+
+
+def test_the_ttl_removes_the_preparation_job_with_the_trainer_job(harness: Harness) -> None:
+    harness.created("prep-ttl", resources={"gpus": 1}, ttlSecondsAfterFinished=0)
+    finish_preparation(harness, "prep-ttl", TerminationMessage.succeeded(None, None).model_copy(update={"preparation": REPORT}))
+    harness.job_changed("prep-ttl")
+    assert harness.job("prep-ttl") is not None
+    harness.complete_job("prep-ttl")
+    harness.job_changed("prep-ttl")
+    status = harness.status("prep-ttl")
+    assert status["phase"] == "Succeeded" and status["preparation"]["data"]["trainRecords"] == 16
+    assert harness.job("prep-ttl") is None and harness.read("Job", "prep-ttl-prepare") is None
+    assert harness.writes("delete", "job") == 2
+
+
+def test_the_ttl_removes_a_failed_preparation_job(harness: Harness) -> None:
+    harness.created("prep-failed-ttl", resources={"gpus": 1}, ttlSecondsAfterFinished=0)
+    failure = TerminationMessage.failed(11, "s3://data/train.jsonl line 3: field 'text' is missing (null), expected a string", None)  # type: ignore[arg-type]
+    finish_preparation(harness, "prep-failed-ttl", failure)
+    harness.job_changed("prep-failed-ttl")
+    assert harness.status("prep-failed-ttl")["phase"] == "Failed" and harness.status("prep-failed-ttl")["completionTime"]
+    assert harness.read("Job", "prep-failed-ttl-prepare") is None and harness.writes("delete", "job") == 1
+    harness.job_changed("prep-failed-ttl")
+    assert harness.read("Job", "prep-failed-ttl-prepare") is None and harness.job("prep-failed-ttl") is None, "the run was prepared again"
