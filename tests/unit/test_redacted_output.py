@@ -9,6 +9,7 @@ the way the kubelet reads it for FallbackToLogsOnError (the local node agent's i
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from kubetune_trainer.redacted_output import MAX_LINE_BYTES, pump
 from localcluster.agent_process import termination_message
 
 pytestmark = pytest.mark.unit
@@ -102,3 +104,13 @@ def test_a_worker_left_behind_does_not_keep_the_pod_running(tmp_path: Path) -> N
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
     assert (process.returncode, out) == (7, b"trainer done\n"), err.decode(errors="replace")
+
+
+@pytest.mark.parametrize("offset", [1, len(SECRET) // 2, len(SECRET) - 1])
+def test_a_secret_split_across_the_pieces_of_a_long_line_is_redacted(offset: int) -> None:
+    """A progress bar without newlines is read in MAX_LINE_BYTES pieces; the secret straddles the first boundary."""
+    before = b"#" * (MAX_LINE_BYTES - offset)
+    line = before + SECRET.encode() + b"#" * 100 + b" done\n" + b"next line " + SECRET.encode()
+    sink = io.BytesIO()
+    pump(io.BytesIO(line), sink, [SECRET.encode()])
+    assert sink.getvalue() == before + b"***" + b"#" * 100 + b" done\n" + b"next line ***"

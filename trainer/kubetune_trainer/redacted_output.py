@@ -65,13 +65,27 @@ def run(command: Sequence[str], secrets: Sequence[str]) -> int:
 
 
 def pump(source: IO[bytes], sink: IO[bytes], secrets: Sequence[bytes]) -> None:
-    """Copy ``source`` to ``sink`` line by line with every secret replaced by ***."""
-    for line in iter(lambda: source.readline(MAX_LINE_BYTES), b""):
-        for value in secrets:
-            line = line.replace(value, b"***")
-        sink.write(line)
+    """Copy ``source`` to ``sink`` line by line with every secret replaced by ***.
+
+    A line longer than MAX_LINE_BYTES arrives in pieces; the end of each piece that could begin a secret is held back
+    and redacted with the next piece, so a value split across two pieces is still found."""
+    held = max((len(value) for value in secrets), default=1) - 1
+    pending = b""
+    for piece in iter(lambda: source.readline(MAX_LINE_BYTES), b""):
+        text = redact(pending + piece, secrets)
+        cut = len(text) if text.endswith(b"\n") else max(0, len(text) - held)
+        text, pending = text[:cut], text[cut:]
+        sink.write(text)
         sink.flush()
+    sink.write(pending)
+    sink.flush()
     source.close()
+
+
+def redact(text: bytes, secrets: Sequence[bytes]) -> bytes:
+    for value in secrets:
+        text = text.replace(value, b"***")
+    return text
 
 
 def _die_with_parent() -> None:
