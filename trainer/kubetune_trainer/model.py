@@ -26,6 +26,7 @@ from kubetune_trainer.storage.paths import parse_s3_uri
 if TYPE_CHECKING:
     import torch
 
+    from kubetune_api.runtime import TrainerConfig
     from kubetune_trainer.storage.store import S3Store
 
 OUTPUT_HEADS = frozenset({"lm_head", "embed_out", "output"})
@@ -306,3 +307,21 @@ def _hint(files: ModelFiles) -> str:
     if location(files.path) == "hub":
         return "Check the model id and spec.model.revision; gated or private models need spec.model.tokenSecretRef."
     return "The folder must hold a model saved with save_pretrained (config.json, weights, tokenizer files)."
+
+
+def load_for_training(config: TrainerConfig, files: ModelFiles, device: torch.device, *, sharded: bool) -> tuple[Any, Precision]:
+    """The base model with fresh adapters on ``device``, and the precision it trains in there."""
+    import torch
+
+    cuda = device.type == "cuda"
+    precision = resolve_precision(config.training.precision, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
+    quant = config.effective_quantization()
+    base = load_base_model(
+        files,
+        dtype_name=quant.compute_dtype.value if quant is not None else precision_dtype_name(precision),
+        quantization=quant,
+        device=str(device),
+        trust_remote_code=config.model.trust_remote_code,
+        sharded=sharded,
+    )
+    return apply_lora(base, config.lora, gradient_checkpointing=config.training.gradient_checkpointing), precision

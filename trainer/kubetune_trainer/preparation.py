@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +174,55 @@ def in_trainer_report(config: TrainerConfig, data: PreparedData, environment: Tr
     training = config.training
     report = data_report(data, config, digest, micro_batch=training.per_device_batch_size, accumulation=training.gradient_accumulation_steps)
     return PreparationReport(data=report, cache_uri=str(work_dir / "data-cache"), cache_key=digest[:24])
+
+
+@dataclass(frozen=True)
+class RunData:
+    """What one training process trains on, and how it came to be: read from the preparation Job's cache, or made here."""
+
+    stream: Any
+    """The training batches (``state_dict``/``load_state_dict`` resume them where a checkpoint left off)."""
+    eval_batches: Callable[[], Any] | None
+    num_train_records: int
+    tokenized_in_trainer: bool
+    seconds: float
+    dataset_sha256: str | None
+    report: PreparationReport | None
+    """The data report made here (a CPU run without a preparation Job); None when the preparation Job made it."""
+
+
+def load_run_data(
+    config: TrainerConfig, tokenizer: Any, store_for: Any, environment: TrainerEnvironment, *, rank: int, world_size: int, local_main: bool
+) -> RunData:
+    """This process's share of the data: the preparation Job's cached result when the config names one, else prepared here."""
+    began = time.monotonic()
+    report: PreparationReport | None = None
+    sha: str | None = None
+    if config.runtime.preparation.cache_uri:
+        prepared, sha = load_prepared_data(config, tokenizer, store_for, rank=rank, world_size=world_size)
+    else:
+        prepared = prepare_data(config, tokenizer, rank=rank, world_size=world_size, store_factory=store_for, environment=environment)
+        if local_main:
+            # Prepared here: the same report the preparation Job gives, in this pod's termination message.
+            report = in_trainer_report(config, prepared, environment, store_for)
+            sha = report.data.dataset_sha256
+            logs.event("data report", **report.data.to_api())
+    batch_size = config.training.per_device_batch_size
+    evaluation = prepared.eval
+
+    def eval_batches() -> Any:
+        assert evaluation is not None
+        return prepared.eval_batches(batch_size)
+
+    return RunData(
+        stream=prepared.train_batches(batch_size),
+        eval_batches=eval_batches if evaluation is not None else None,
+        num_train_records=int(prepared.num_train_records),
+        tokenized_in_trainer=not config.runtime.preparation.cache_uri,
+        seconds=round(time.monotonic() - began, 3),
+        dataset_sha256=sha,
+        report=report,
+    )
 
 
 def run(config: TrainerConfig, environment: TrainerEnvironment | None = None) -> ExitCode:

@@ -19,17 +19,16 @@ from kubetune_api.exitcodes import ExitCode
 from kubetune_api.output import OutputSpec
 from kubetune_api.quality import EvaluationReport
 from kubetune_api.recipe import Precision
-from kubetune_api.result import CheckpointRef, PreparationReport, SkippedCheckpoint, TerminationMessage, TrainingResult
+from kubetune_api.result import CheckpointRef, SkippedCheckpoint, TerminationMessage, TrainingResult
 from kubetune_api.runtime import TrainerConfig, TrainerEnvironment
 from kubetune_trainer import disk, distributed, evaluation, export, local_checkpoints, log_archive, logs, model, result, sharding, training
-from kubetune_trainer.data.prepare import prepare_data
 from kubetune_trainer.distributed import Context
 from kubetune_trainer.divergence import DivergenceWatch
 from kubetune_trainer.errors import DivergedError, Interrupted, TrainerError, classify
 from kubetune_trainer.local_checkpoints import TrainingState
 from kubetune_trainer.loss import build_loss_model
 from kubetune_trainer.metrics import TrainerMetrics, resident_memory
-from kubetune_trainer.preparation import in_trainer_report, load_prepared_data
+from kubetune_trainer.preparation import RunData, load_run_data
 from kubetune_trainer.storage.publish import PublishResult, run_manifest
 from kubetune_trainer.storage.run import RunFiles
 from kubetune_trainer.storage.store import S3Store
@@ -75,10 +74,6 @@ class LoRARecipe:
         self.resumed_from_step: int | None = None
         self.skipped: list[SkippedCheckpoint] = []
         self.published: TrainingResult | None = None
-        self.preparation: PreparationReport | None = None
-        self.tokenized = True
-        self.data_seconds: float | None = None
-        self.dataset_sha256: str | None = None
         self.watch = DivergenceWatch(config.training.divergence)
         self.base_eval_loss: float | None = None
         self.log_archive = log_archive.attach() if ctx.is_main else None
@@ -93,9 +88,7 @@ class LoRARecipe:
         self.precision: Precision
         self.optimizer: torch.optim.Optimizer
         self.scheduler: Any
-        self.stream: Any
-        self.num_train_records: int
-        self.eval_batches: Any
+        self.data: RunData
         self.total_steps: int
         self.state: TrainingState
 
@@ -119,8 +112,10 @@ class LoRARecipe:
             files = model.fetch_model(config.model, config.output, self.work_dir, self.store_for, self.environment, cache)
         self.files = files
         self.tokenizer = model.load_tokenizer(files, config.model.trust_remote_code)
-        self.peft_model = self._load_model()
-        self._prepare_data()
+        self.peft_model, self.precision = model.load_for_training(config, files, ctx.device, sharded=self.sharded)
+        self.data = load_run_data(
+            config, self.tokenizer, self.store_for, self.environment, rank=ctx.rank, world_size=ctx.world_size, local_main=ctx.is_local_main
+        )
         # The chunked loss never holds full-vocabulary fp32 logits: the largest item of QLoRA's peak memory.
         self.model = build_loss_model(self.peft_model, config.training, ctx.device)
         if self.sharded:
@@ -129,7 +124,7 @@ class LoRARecipe:
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
         params = [p for p in self.peft_model.parameters() if p.requires_grad]
         self.optimizer = training.build_optimizer(config.training, params, cuda=ctx.device.type == "cuda")
-        self.total_steps = training.total_steps(config.training, self.stream.batches_per_epoch)
+        self.total_steps = training.total_steps(config.training, self.data.stream.batches_per_epoch)
         self.scheduler = training.build_scheduler(config.training, self.optimizer, self.total_steps)
         self.state = self._resume(found)
         self.watch.replay(self.state.losses)
@@ -138,7 +133,7 @@ class LoRARecipe:
             "training started",
             step=self.state.step,
             total_steps=self.total_steps,
-            train_records=self.num_train_records,
+            train_records=self.data.num_train_records,
             trainable_parameters=sum(p.numel() for p in params),
             precision=self.precision.value,
             world_size=ctx.world_size,
@@ -168,51 +163,6 @@ class LoRARecipe:
         distributed.barrier(ctx)
         return found
 
-    def _load_model(self) -> Any:
-        config, ctx = self.config, self.ctx
-        self.precision = model.resolve_precision(
-            config.training.precision,
-            cuda=ctx.device.type == "cuda",
-            bf16_supported=ctx.device.type == "cuda" and torch.cuda.is_bf16_supported(),
-        )
-        quant = config.effective_quantization()
-        base = model.load_base_model(
-            self.files,
-            dtype_name=quant.compute_dtype.value if quant is not None else model.precision_dtype_name(self.precision),
-            quantization=quant,
-            device=str(ctx.device),
-            trust_remote_code=config.model.trust_remote_code,
-            sharded=self.sharded,
-        )
-        return model.apply_lora(base, config.lora, gradient_checkpointing=config.training.gradient_checkpointing)
-
-    def _prepare_data(self) -> None:
-        config, ctx = self.config, self.ctx
-        batch_size = config.training.per_device_batch_size
-        began = time.monotonic()
-        self.tokenized = not config.runtime.preparation.cache_uri
-        if config.runtime.preparation.cache_uri:
-            prepared, self.dataset_sha256 = load_prepared_data(config, self.tokenizer, self.store_for, rank=ctx.rank, world_size=ctx.world_size)
-        else:
-            prepared = prepare_data(
-                config, self.tokenizer, rank=ctx.rank, world_size=ctx.world_size, store_factory=self.store_for, environment=self.environment
-            )
-            if ctx.is_local_main:
-                # Prepared here (a CPU run): the same report the preparation Job gives, in this pod's termination message.
-                self.preparation = in_trainer_report(config, prepared, self.environment, self.store_for)
-                self.dataset_sha256 = self.preparation.data.dataset_sha256
-                logs.event("data report", **self.preparation.data.to_api())
-        self.data_seconds = round(time.monotonic() - began, 3)
-        self.num_train_records = int(prepared.num_train_records)
-        self.stream = prepared.train_batches(batch_size)
-        self.eval_batches = None
-        if prepared.eval is not None:
-
-            def eval_batches() -> Any:
-                return prepared.eval_batches(batch_size)
-
-            self.eval_batches = eval_batches
-
     def _resume(self, found: CheckpointRef | None) -> TrainingState:
         """Load a fetched checkpoint into the model, optimizer, scheduler and data stream."""
         if found is None:
@@ -221,7 +171,7 @@ class LoRARecipe:
         state = local_checkpoints.load(
             directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, rank=self.ctx.rank, sharded=self.sharded
         )
-        self.stream.load_state_dict(state.data)
+        self.data.stream.load_state_dict(state.data)
         self.last_checkpoint = found
         self.resumed_from_step = found.step
         logs.event("resumed from checkpoint", step=found.step, uri=found.uri)
@@ -229,7 +179,7 @@ class LoRARecipe:
 
     def _measure_base(self) -> None:
         """Eval loss of the base model before the first step: the baseline of the evaluation gate."""
-        self.base_eval_loss = evaluation.base_eval_loss(self.peft_model, self.model, self.eval_batches, ctx=self.ctx, precision=self.precision)
+        self.base_eval_loss = evaluation.base_eval_loss(self.peft_model, self.model, self.data.eval_batches, ctx=self.ctx, precision=self.precision)
         if self.base_eval_loss is None:
             return
         if self.metrics is not None:
@@ -247,14 +197,14 @@ class LoRARecipe:
             self.model,
             self.optimizer,
             self.scheduler,
-            self.stream,
+            self.data.stream,
             spec=self.config.training,
             steps=self.total_steps,
             state=self.state,
             ctx=self.ctx,
             precision=self.precision,
             hooks=hooks,
-            eval_batches=self.eval_batches,
+            eval_batches=self.data.eval_batches,
         )
         self._wait_for_upload()
         if outcome.interrupted:
@@ -376,9 +326,9 @@ class LoRARecipe:
         manifest = self._manifest(outcome, report)
         # Provenance: exactly which base model and data went in (the data cache key covers the dataset digest).
         manifest["baseModel"]["resolvedRevision"] = self.files.resolved or getattr(getattr(self.peft_model, "config", None), "_commit_hash", None)
-        manifest["dataset"]["contentSha256"] = self.dataset_sha256
-        if self.preparation is not None:
-            manifest["dataReport"] = self.preparation.data.to_api()
+        manifest["dataset"]["contentSha256"] = self.data.dataset_sha256
+        if self.data.report is not None:
+            manifest["dataReport"] = self.data.report.data.to_api()
         merged_dir = self.output_dir / layout.MERGED_FOLDER if config.output.merged_model else None
         if merged_dir is not None:
             export.save_merged(self.files, adapter_dir, merged_dir, config)
@@ -403,8 +353,8 @@ class LoRARecipe:
                 peak_memory_bytes=int(peak),
                 resumed_from_step=self.resumed_from_step,
                 skipped_checkpoints=self.skipped or None,
-                tokenized_in_trainer=self.tokenized,
-                data_seconds=self.data_seconds,
+                tokenized_in_trainer=self.data.tokenized_in_trainer,
+                data_seconds=self.data.seconds,
                 micro_batch=outcome.micro_batch,
                 oom_adjustments=len(outcome.adjustments),
                 adapter=export.adapter_facts(self.output_dir / layout.ADAPTER_FOLDER, self.peft_model),
@@ -412,7 +362,7 @@ class LoRARecipe:
             if published is not None
             else None
         )
-        message = TerminationMessage.succeeded(trained, self.last_checkpoint, report).model_copy(update={"preparation": self.preparation})
+        message = TerminationMessage.succeeded(trained, self.last_checkpoint, report).model_copy(update={"preparation": self.data.report})
         result.report_success(message, self.config.runtime.termination_message_path)
 
     def report_published(self) -> None:
