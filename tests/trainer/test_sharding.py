@@ -75,12 +75,35 @@ def test_sharded_training_follows_the_data_parallel_loss_curve(
 
 
 def published_weights(run: TrainerRun, server: MotoS3Server) -> dict[str, torch.Tensor]:
+    assert run.termination is not None
+    return weights_at(run.termination["result"]["adapterUri"], server)
+
+
+def weights_at(uri: str, server: MotoS3Server) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
-    assert run.termination is not None
-    bucket, _, prefix = run.termination["result"]["adapterUri"].removeprefix("s3://").partition("/")
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     body = server.client().get_object(Bucket=bucket, Key=prefix + "adapter_model.safetensors")["Body"].read()
     return load(body)
+
+
+def test_a_sharded_adapter_that_fails_the_gate_is_kept_whole(
+    tiny_model_dir: Path, memorise_jsonl: Path, s3_server: MotoS3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    config = two_pod_config(tiny_model_dir, memorise_jsonl, s3_bucket, s3_server, tmp_path, "fsdp-rejected", "fsdp")
+    config["dataset"]["eval"] = {"source": str(memorise_jsonl)}
+    config["evaluation"] = {"maxEvalLoss": 0.0001}
+    tmp_path.joinpath("rejected").mkdir()
+    pods = run_pods(config, s3_server, tmp_path / "rejected", nodes=2)
+    termination = pods[0].termination
+    assert termination is not None and termination["reason"] == "EvaluationGateFailed", pods[0].stderr[-4000:]
+    kept = weights_at(termination["evaluation"]["rejectedUri"], s3_server)
+    # Every adapter tensor at its full shape: r x in for lora_A, out x r for lora_B (a shard would have half the rows).
+    r = config["lora"]["r"]
+    assert kept and all(r in tensor.shape for tensor in kept.values()), {k: tuple(t.shape) for k, t in kept.items()}
+    hidden = json.loads((tiny_model_dir / "config.json").read_text())["hidden_size"]
+    q_proj = {k: tuple(t.shape) for k, t in kept.items() if "q_proj" in k}
+    assert q_proj and all(shape == ((r, hidden) if "lora_A" in k else (hidden, r)) for k, shape in q_proj.items()), q_proj
 
 
 def _read_until_checkpoint(process: Any, step: int, lines: list[str]) -> bool:

@@ -48,10 +48,13 @@ def rejected(report: EvaluationReport, uri: str | None) -> EvaluationGateError:
     return error
 
 
-def keep_rejected(run_files: RunFiles, peft_model: Any, tokenizer: Any, output_dir: Path, manifest: dict[str, Any]) -> str:
-    """Save the adapter and keep it under the run's rejected folder, with its manifest; returns its URI."""
+def keep_rejected(
+    run_files: RunFiles, peft_model: Any, tokenizer: Any, output_dir: Path, manifest: dict[str, Any], weights: dict[str, Any] | None = None
+) -> str:
+    """Save the adapter (``weights``: gathered from a sharded model) and keep it under the run's rejected folder, with its
+    manifest; returns its URI."""
     adapter_dir = output_dir / layout.REJECTED_FOLDER
-    export.save_adapter(peft_model, tokenizer, adapter_dir)
+    export.save_adapter(peft_model, tokenizer, adapter_dir, weights)
     kept = run_files.keep_rejected(adapter_dir, manifest)
     logs.event("adapter rejected by the evaluation gate", level=30, uri=kept.uri, reasons=(manifest.get("evaluation") or {}).get("reasons"))
     return kept.uri

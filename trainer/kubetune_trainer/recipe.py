@@ -296,17 +296,14 @@ class LoRARecipe:
         An adapter that fails spec.evaluation is kept under the run's rejected folder instead, and the run fails.
         """
         report = evaluation.judge(self.config.evaluation, self.base_eval_loss, outcome.eval_loss)
+        # A sharded adapter is gathered by every rank, kept or published; rank 0 writes it.
+        weights = sharding.gather_trainable(self.peft_model, self.optimizer)[0] if self.sharded else None
         if evaluation.failed(report):
             assert report is not None
-            kept = (
-                evaluation.keep_rejected(self.run_files, self.peft_model, self.tokenizer, self.output_dir, self._manifest(outcome, report.to_api()))
-                if self.ctx.is_main
-                else None
-            )
+            manifest = self._manifest(outcome, report.to_api())
+            kept = evaluation.keep_rejected(self.run_files, self.peft_model, self.tokenizer, self.output_dir, manifest, weights) if self.ctx.is_main else None
             distributed.barrier(self.ctx)
             raise evaluation.rejected(report, kept)
-        # A sharded adapter is gathered by every rank; rank 0 writes it.
-        weights = sharding.gather_trainable(self.peft_model, self.optimizer)[0] if self.sharded else None
         published = self._publish(outcome, report.to_api() if report else None, weights) if self.ctx.is_main else None
         distributed.barrier(self.ctx)
         if self.ctx.is_local_main:
