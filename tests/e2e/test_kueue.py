@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
+from kubetune_operator.manifests import job_name
 from localcluster.kueue import Kueue
 from tests.e2e.support.local_stack import KubetuneStack
 from tests.e2e.support.stack import Stack
-from tests.e2e.test_finetunejobs import condition, trainer_jobs, trainer_pods, wait_for_checkpoint
+from tests.e2e.test_finetunejobs import condition, wait_for_checkpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.local_cluster]
 
@@ -64,6 +65,17 @@ def gpu_job(stack: Stack, name: str, queue: str, *, gpus: int = 8, nodes: int = 
     return body
 
 
+def trainer_job(stack: Stack, name: str) -> dict[str, Any]:
+    return stack.get_json("job", job_name(name), "-n", stack.settings.jobs_namespace)
+
+
+def trainer_pods(stack: Stack, name: str) -> list[dict[str, Any]]:
+    """The trainer Job's pods (not the preparation Job's)."""
+    selector = f"batch.kubernetes.io/job-name={job_name(name)}"
+    items: list[dict[str, Any]] = stack.get_json("pods", "-n", stack.settings.jobs_namespace, "-l", selector)["items"]
+    return items
+
+
 def waiting_for_admission(stack: Stack, name: str, queue: str) -> bool:
     status = stack.finetunejob(name).get("status", {})
     suspended = condition(status, "Suspended")
@@ -103,7 +115,7 @@ def test_second_gpu_job_waits_for_quota_and_runs_when_the_first_finishes(kueue: 
             stack.apply(gpu_job(stack, name, "team-a"))
         for name in names:
             stack.wait_for(functools.partial(waiting_for_admission, stack, name, "team-a"), 420, f"{name} waiting in queue team-a")
-            (job,) = trainer_jobs(stack, name)
+            job = trainer_job(stack, name)
             assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
             set_fake_run(stack, job, 20_000)
         assert all(not trainer_pods(stack, name) for name in names)
@@ -116,12 +128,12 @@ def test_second_gpu_job_waits_for_quota_and_runs_when_the_first_finishes(kueue: 
         first, second = sorted(names, key=lambda n: stack.finetunejob(n)["status"]["phase"] != "Running")
         # 8 GPUs of quota: the other job stays queued, its trainer Job suspended, no pod made.
         assert waiting_for_admission(stack, second, "team-a"), stack.finetunejob(second)["status"]
-        assert not trainer_pods(stack, second) and trainer_jobs(stack, second)[0]["spec"]["suspend"] is True
+        assert not trainer_pods(stack, second) and trainer_job(stack, second)["spec"]["suspend"] is True
         status = stack.wait_for_phase(first, {"Succeeded", "Failed"}, timeout=120)["status"]
         assert status["phase"] == "Succeeded", status
         assert waiting_for_admission(stack, second, "team-a") or trainer_pods(stack, second)
         stack.wait_for(lambda: stack.finetunejob(second)["status"].get("phase") == "Running", 120, f"{second} Running after {first} finished")
-        finished = trainer_jobs(stack, first)[0]["status"]["completionTime"]
+        finished = trainer_job(stack, first)["status"]["completionTime"]
         started = min(p["metadata"]["creationTimestamp"] for p in trainer_pods(stack, second))
         assert started >= finished, (started, finished)
         assert stack.wait_for_phase(second, {"Succeeded", "Failed"}, timeout=120)["status"]["phase"] == "Succeeded"
@@ -136,7 +148,7 @@ def test_multi_node_job_is_admitted_whole_or_not_at_all(kueue: Stack) -> None:
     try:
         stack.apply(gpu_job(stack, "two-nodes", "team-b", nodes=2))
         stack.wait_for(lambda: waiting_for_admission(stack, "two-nodes", "team-b"), 420, "two-nodes waiting in queue team-b")
-        (job,) = trainer_jobs(stack, "two-nodes")
+        job = trainer_job(stack, "two-nodes")
         set_fake_run(stack, job, 5_000)
         # 2 nodes x 8 GPUs against 8: Kueue admits no part of it.
         workloads = stack.get_json("workloads", "-n", stack.settings.jobs_namespace)["items"]
@@ -178,16 +190,20 @@ def test_higher_priority_job_preempts_and_the_preempted_one_resumes(kueue: Stack
     high["spec"]["resources"]["priorityClassName"] = "kueue-test-high"
     try:
         stack.apply(low)
-        wait_for_checkpoint(stack, "preempted")
+        checkpoint_before = wait_for_checkpoint(stack, "preempted")
         stack.apply(high)
         stack.wait_for(lambda: waiting_for_admission(stack, "preempted", "team-c"), 300, "preempted back in its queue")
-        assert not [p for p in trainer_pods(stack, "preempted") if p["status"].get("phase") in ("Pending", "Running")]
-        # The SIGTERM checkpoint of the evicted trainer is the newest one.
-        stopped_at = int(stack.finetunejob("preempted")["status"]["lastCheckpoint"]["step"])
+        # Kueue suspended its Job: the trainer got SIGTERM, checkpointed and exited; no pod is left.
+        stack.wait_for(lambda: not trainer_pods(stack, "preempted"), 120, "the preempted trainer's pod gone")
+        assert stack.finetunejob("preempting")["status"]["phase"] in ("Pending", "Running", "Succeeded")
         status = stack.wait_for_phase("preempting", {"Succeeded", "Failed"}, timeout=600)["status"]
         assert status["phase"] == "Succeeded", status
         status = stack.wait_for_phase("preempted", {"Succeeded", "Failed"}, timeout=900)["status"]
         assert status["phase"] == "Succeeded", status
-        assert status["result"]["resumedFromStep"] == stopped_at, status
+        stopped, *later = status["usage"]["attempts"]
+        assert later, status["usage"]
+        # The step the preempted attempt checkpointed last (on SIGTERM) is where the next one resumed.
+        assert stopped["checkpointStep"] >= checkpoint_before, status["usage"]
+        assert status["result"]["resumedFromStep"] == stopped["checkpointStep"], status
     finally:
         delete(stack, "preempted", "preempting")

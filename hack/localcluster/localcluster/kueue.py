@@ -18,6 +18,7 @@ import base64
 import json
 import os
 import re
+import shlex
 import subprocess
 import time
 from collections.abc import Iterable
@@ -36,6 +37,8 @@ NAMESPACE = "kueue-system"
 SERVICE_ACCOUNT = "kueue-controller-manager"
 RELEASE = "kueue"
 GO_MODULE = REPO_ROOT / "hack" / "tools" / "kueue" / "go.mod"
+# Where the manager reads its metrics serving certificate when it does not make its own (cmd/kueue/main.go).
+METRICS_CERT_PATH = "/etc/kueue/metrics/certs"
 # Points the installer at a Kueue chart folder instead of the one in the Go module cache.
 CHART_ENV = "KUBETUNE_KUEUE_CHART"
 # Kinds of the chart that describe the in-cluster Deployment (its pod, Services, serving Secret, ConfigMap,
@@ -149,13 +152,19 @@ class Kueue:
         config = self.workdir / "controller_manager_config.yaml"
         config.write_text(yaml.safe_dump(manager_configuration(ports, cert_dir), sort_keys=False))
         kubeconfig = self.cluster.service_account_kubeconfig(NAMESPACE, SERVICE_ACCOUNT, duration="48h")
-        argv = [
+        manager = [
             str(binary),
             f"--config={config}",
             # The visibility API is an aggregated apiserver reached through a Service; nothing routes one here.
             "--feature-gates=VisibilityOnDemand=false",
             "--zap-log-level=2",
         ]
+        # Without internal certificate management the manager reads its metrics certificate from a fixed path, where
+        # the chart mounts a Secret: here a bind mount in a private mount namespace, as the node agent gives pods
+        # their volumes (only the empty mount point is made on the host).
+        target = shlex.quote(METRICS_CERT_PATH)
+        script = f'mkdir -p {target} && mount --bind {shlex.quote(str(cert_dir))} {target} && exec "$@"'
+        argv = ["unshare", "-m", "--propagation", "private", "--", "/bin/sh", "-c", script, "kueue", *manager]
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "KUBECONFIG": str(kubeconfig), "HOME": str(self.workdir)}
         record = self.cluster.add_process("kueue", argv, env)
         wait_for("kueue /readyz", lambda: http_ok(f"http://127.0.0.1:{ports.health}/readyz"), self.timeout_seconds, record)
