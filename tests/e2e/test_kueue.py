@@ -18,7 +18,7 @@ import pytest
 from kubetune_operator.manifests import job_name
 from localcluster.kueue import Kueue
 from tests.e2e.support.local_stack import KubetuneStack
-from tests.e2e.support.stack import Stack
+from tests.e2e.support.stack import REPO, Stack
 from tests.e2e.test_finetunejobs import condition, wait_for_checkpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.local_cluster]
@@ -108,15 +108,15 @@ def test_second_gpu_job_waits_for_quota_and_runs_when_the_first_finishes(kueue: 
     stack = kueue
     # Held at first, so both trainer Jobs exist (suspended) before either is admitted.
     stack.apply(cluster_queue("gpus-8", {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "8"}, stopped=True))
-    stack.apply(local_queue(stack, "team-a", "gpus-8"))
+    stack.apply(local_queue(stack, "gpu-team", "gpus-8"))
     names = ("queued-first", "queued-second")
     try:
         for name in names:
-            stack.apply(gpu_job(stack, name, "team-a"))
+            stack.apply(gpu_job(stack, name, "gpu-team"))
         for name in names:
-            stack.wait_for(functools.partial(waiting_for_admission, stack, name, "team-a"), 420, f"{name} waiting in queue team-a")
+            stack.wait_for(functools.partial(waiting_for_admission, stack, name, "gpu-team"), 420, f"{name} waiting in queue gpu-team")
             job = trainer_job(stack, name)
-            assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+            assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-team"
             set_fake_run(stack, job, 20_000)
         assert all(not trainer_pods(stack, name) for name in names)
         stack.apply(cluster_queue("gpus-8", {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "8"}))
@@ -127,11 +127,11 @@ def test_second_gpu_job_waits_for_quota_and_runs_when_the_first_finishes(kueue: 
         stack.wait_for(one_running, 120, "one of the two jobs Running")
         first, second = sorted(names, key=lambda n: stack.finetunejob(n)["status"]["phase"] != "Running")
         # 8 GPUs of quota: the other job stays queued, its trainer Job suspended, no pod made.
-        assert waiting_for_admission(stack, second, "team-a"), stack.finetunejob(second)["status"]
+        assert waiting_for_admission(stack, second, "gpu-team"), stack.finetunejob(second)["status"]
         assert not trainer_pods(stack, second) and trainer_job(stack, second)["spec"]["suspend"] is True
         status = stack.wait_for_phase(first, {"Succeeded", "Failed"}, timeout=120)["status"]
         assert status["phase"] == "Succeeded", status
-        assert waiting_for_admission(stack, second, "team-a") or trainer_pods(stack, second)
+        assert waiting_for_admission(stack, second, "gpu-team") or trainer_pods(stack, second)
         stack.wait_for(lambda: stack.finetunejob(second)["status"].get("phase") == "Running", 120, f"{second} Running after {first} finished")
         finished = trainer_job(stack, first)["status"]["completionTime"]
         started = min(p["metadata"]["creationTimestamp"] for p in trainer_pods(stack, second))
@@ -207,3 +207,16 @@ def test_higher_priority_job_preempts_and_the_preempted_one_resumes(kueue: Stack
         assert status["result"]["resumedFromStep"] == stopped["checkpointStep"], status
     finally:
         delete(stack, "preempted", "preempting")
+
+
+def test_kueue_example_is_accepted_by_kueue_and_kubetune(kueue: Stack) -> None:
+    stack = kueue
+    example = REPO / "examples" / "kueue-queue.yaml"
+    result = stack.kubectl("apply", "--dry-run=server", "-n", stack.settings.jobs_namespace, "-f", str(example))
+    kinds = {line.split("/", 1)[0] for line in result.stdout.splitlines()}
+    assert kinds == {
+        "resourceflavor.kueue.x-k8s.io",
+        "clusterqueue.kueue.x-k8s.io",
+        "localqueue.kueue.x-k8s.io",
+        "finetunejob.kubetune.io",
+    }, result.stdout
