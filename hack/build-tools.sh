@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the upstream binaries the local cluster needs (etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler, kubectl, kwok, helm) from the Go modules
+# kube-controller-manager, kube-scheduler, kubectl, kwok, helm, kueue) from the Go modules
 # pinned under hack/tools/. Each tool is cached on its own, keyed by everything that
 # decides its content (its go.mod and go.sum, its build recipe below, the Go toolchain),
 # so a change to one tool rebuilds that tool alone. Running it again with nothing
@@ -22,14 +22,16 @@ set -euo pipefail
 readonly KUBERNETES_VERSION=v1.37.2
 readonly ETCD_VERSION=v3.6.16
 readonly HELM_VERSION=v4.3.1
+readonly KUEUE_VERSION=v0.17.0
 readonly GO_MINIMUM=1.26
 # Tool name (its module folder under hack/tools/) and the binaries it provides, in build order.
-readonly TOOLS=(etcd kubernetes kwok helm)
+readonly TOOLS=(etcd kubernetes kwok helm kueue)
 declare -A PROVIDES=(
   [etcd]="etcd"
   [kubernetes]="kube-apiserver kube-controller-manager kube-scheduler kubectl"
   [kwok]="kwok"
   [helm]="helm"
+  [kueue]="kueue"
 )
 
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -83,6 +85,10 @@ build_kwok() {
 
 build_helm() {
   go_build helm "$1/helm" "-s -w -X helm.sh/helm/v4/internal/version.version=${HELM_VERSION}" helm.sh/helm/v4/cmd/helm
+}
+
+build_kueue() {
+  go_build kueue "$1/kueue" "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=${KUEUE_VERSION}" sigs.k8s.io/kueue/cmd/kueue
 }
 
 # go_build MODULE OUTPUT LDFLAGS PACKAGE...: OUTPUT is a file, or a folder ending in / for one

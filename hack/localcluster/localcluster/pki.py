@@ -215,3 +215,13 @@ def create_pki(directory: Path, service_cluster_ip_range: str) -> ClusterPki:
         service_account_key=sa_key_path,
         service_account_pub=sa_pub_path,
     )
+
+
+def issue_loopback_serving_cert(pki_dir: Path, stem: str, common_name: str) -> KeyPair:
+    """A serving certificate for 127.0.0.1 signed by the cluster CA in `pki_dir` (made by create_pki): what a
+    webhook server running next to the apiserver presents, so a caBundle of the cluster CA trusts it."""
+    ca_key = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise TypeError(f"{pki_dir / 'ca.key'} is not the EC key create_pki writes")
+    ca_cert = x509.load_pem_x509_certificate((pki_dir / "ca.crt").read_bytes())
+    return _issue(pki_dir, stem, ca_key, ca_cert, _name(common_name), server=True, dns_names=("localhost",), ip_addresses=("127.0.0.1",))
