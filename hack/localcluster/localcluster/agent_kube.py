@@ -48,6 +48,7 @@ class KubeApi:
         self.api_client = api_client
         self.core = client.CoreV1Api(api_client)
         self.coordination = client.CoordinationV1Api(api_client)
+        self.discovery = client.DiscoveryV1Api(api_client)
 
     # pods
 
@@ -94,6 +95,11 @@ class KubeApi:
             # 404: already gone; 409: the uid precondition failed, so a new pod took the name.
             if error.status not in (404, 409):
                 raise
+
+    def list_endpoint_slices(self) -> list[Json]:
+        """Every EndpointSlice of the cluster: what cluster DNS serves from."""
+        items: list[Json] = _decode(self.discovery.list_endpoint_slice_for_all_namespaces(_preload_content=False)).get("items") or []
+        return items
 
     # what containers consume
 
