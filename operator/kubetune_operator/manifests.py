@@ -61,6 +61,11 @@ def service_name(name: str) -> str:
     return f"{name}-trainer"
 
 
+def peer_selector(name: str) -> dict[str, str]:
+    """What selects a job's trainer pods: the headless Service, their anti-affinity, the peer NetworkPolicy."""
+    return {LABEL_FINETUNEJOB: name, LABEL_MANAGED_BY: MANAGED_BY}
+
+
 def child_labels(name: str) -> dict[str, str]:
     """Labels on every child; kubetune.io/finetunejob is how watches map a child to its owner."""
     return {
@@ -157,7 +162,7 @@ def build_service(job: FinetuneJob, settings: OperatorSettings) -> Manifest | No
         "metadata": _metadata(job, service_name(name)),
         "spec": {
             "clusterIP": "None",
-            "selector": {LABEL_FINETUNEJOB: name, LABEL_MANAGED_BY: MANAGED_BY},
+            "selector": peer_selector(name),
             # Ranks must resolve each other before any of them is ready.
             "publishNotReadyAddresses": True,
             "ports": [
@@ -170,7 +175,14 @@ def build_service(job: FinetuneJob, settings: OperatorSettings) -> Manifest | No
 
 def _trainer_pod(job: FinetuneJob, settings: OperatorSettings, preparation: PreparationReport | None) -> Manifest:
     name = job.metadata.name
-    return pod_spec(job, settings, config_map_name(name), service_name(name), model_parameters=preparation.model_parameters if preparation else None)
+    return pod_spec(
+        job,
+        settings,
+        config_map_name(name),
+        service_name(name),
+        model_parameters=preparation.model_parameters if preparation else None,
+        peer_labels=peer_selector(name),
+    )
 
 
 def _prepare_pod(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
@@ -257,7 +269,7 @@ def build_peer_network_policy(job: FinetuneJob, settings: OperatorSettings) -> M
     and no other job's pods reach them; only when the chart's NetworkPolicies are on."""
     if job.spec.resources.nodes <= 1 or not settings.trainer_peer_network_policy:
         return None
-    own_pods = {"matchLabels": {LABEL_FINETUNEJOB: job.metadata.name, LABEL_MANAGED_BY: MANAGED_BY}}
+    own_pods = {"matchLabels": peer_selector(job.metadata.name)}
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
