@@ -113,6 +113,9 @@ def trainer_config(
     recipe = spec.model_dump(include=set(TrainingRecipe.model_fields))
     if preparation is not None and preparation.fit is not None and preparation.fit.fits and spec.training.auto_fit:
         recipe["training"] = {**recipe["training"], **training_overrides(preparation.fit)}
+    # Each pod by its stable name under the headless Service (the Job controller names pod k's host <job>-k); rank 0 hosts
+    # the rendezvous.
+    peers = [f"{job_name(name)}-{rank}.{service_name(name)}" for rank in range(spec.resources.nodes)] if spec.resources.nodes > 1 else []
     memory, source = gpu_memory if gpu_memory is not None and spec.resources.gpus > 0 else (None, GpuMemorySource.DEFAULT)
     runtime = RuntimeConfig(
         namespace=job.metadata.namespace,
@@ -122,8 +125,13 @@ def trainer_config(
         gpus_per_node=spec.resources.gpus,
         nodes=spec.resources.nodes,
         # The pod of completion index 0, by its stable name under the headless Service.
-        rendezvous_host=f"{job_name(name)}-0.{service_name(name)}" if spec.resources.nodes > 1 else "127.0.0.1",
+        rendezvous_host=peers[0] if peers else "127.0.0.1",
         rendezvous_port=RENDEZVOUS_PORT,
+        peer_hosts=peers,
+        join_timeout_seconds=spec.distributed.join_timeout_seconds,
+        collective_timeout_seconds=spec.distributed.collective_timeout_seconds,
+        # The other pods restart their ranks in place while the Job controller replaces a failed one.
+        max_restarts=spec.backoff_limit if spec.resources.nodes > 1 else 0,
         metrics_port=settings.trainer_metrics_port,
         work_dir=WORK_DIR,
         termination_message_path=TERMINATION_MESSAGE_PATH,
