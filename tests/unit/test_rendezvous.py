@@ -9,6 +9,7 @@ from kubetune_api.runtime import RuntimeConfig
 from kubetune_operator import manifests
 from kubetune_operator.settings import OperatorSettings
 from kubetune_trainer import distributed
+from kubetune_trainer.errors import classify
 from tests.unit.test_manifests import make
 
 pytestmark = pytest.mark.unit
@@ -51,3 +52,11 @@ def test_a_rendezvous_timeout_names_the_rank_whose_pod_never_started() -> None:
     assert "spec.distributed.joinTimeoutSeconds=60" in error.message
     everyone = distributed.rendezvous_timeout(topo, lambda host: "127.0.5.1")
     assert "every pod of the 3 nodes has an address" in everyone.message
+
+
+def test_a_collective_timeout_is_retried_with_its_reason() -> None:
+    gloo = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 30000ms for recv operation to complete")
+    failure = classify(gloo)
+    assert failure.exit_code is ExitCode.COLLECTIVE_TIMEOUT and failure.exit_code not in NON_RETRIABLE and failure.reason == "CollectiveTimeout"
+    assert "spec.distributed.collectiveTimeoutSeconds" in failure.message and "30000ms" in failure.message
+    assert classify(RuntimeError("Connection reset by peer")).exit_code is ExitCode.RUNTIME_ERROR
