@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -127,6 +128,26 @@ def rendezvous_timeout(topo: Topology, resolve: Callable[[str], object] = socket
     )
 
 
+def wait_for_rendezvous_host(topo: Topology, connect: Callable[[tuple[str, int]], object] = socket.create_connection, pause_s: float = 1.0) -> None:
+    """A pod of rank > 0 waits (up to the join timeout) until rank 0's store accepts connections, so that a rank 0 that never
+    starts fails the run by name rather than as a lost connection, which is what a store lost mid-run is (and retried)."""
+    if topo.node_rank == 0 or topo.nodes == 1:
+        return
+    deadline = time.monotonic() + topo.join_timeout_s
+    while True:
+        try:
+            connection = connect((topo.rendezvous_host, topo.rendezvous_port))
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise rendezvous_timeout(topo) from None
+            time.sleep(pause_s)
+            continue
+        close = getattr(connection, "close", None)
+        if close is not None:
+            close()
+        return
+
+
 def launch(topo: Topology, entrypoint: Callable[..., Any], *args: Any) -> int:
     """Run ``entrypoint(*args)`` in every local worker; the exit code of the first failure, or 0.
 
@@ -143,6 +164,7 @@ def launch(topo: Topology, entrypoint: Callable[..., Any], *args: Any) -> int:
         # the kubelet's SIGKILL at the end of terminationGracePeriodSeconds is the real bound.
         shutdown_timeout=3600,
     )
+    wait_for_rendezvous_host(topo)
     try:
         elastic_launch(config, entrypoint)(*args)
     except ChildFailedError as error:

@@ -3,10 +3,13 @@
 A cluster's DNS answers `<hostname>.<subdomain>.<namespace>.svc.cluster.local` for every pod that
 a headless Service named `<subdomain>` selects (and `<service>.<namespace>.svc` with all of their
 addresses); a pod's search path also makes `<hostname>.<subdomain>` resolve within its own
-namespace. Here the records come from the EndpointSlices of headless Services (what CoreDNS reads),
-listed every ``interval_s`` seconds, and are written into the hosts file of every pod the agent
-runs, in place (the file is bind-mounted into the pod's mount namespace, so its inode must stay).
-Several agents of one cluster each keep their own pods' files from the same slices.
+namespace. CoreDNS reads them from EndpointSlices, but the apiserver refuses loopback addresses in
+an EndpointSlice, and every pod address here is one; so the records are derived as the
+EndpointSlice controller derives its endpoints: from the headless Services and the pods their
+selector matches (not terminal, with an address, and Ready unless the Service publishes not-ready
+addresses). Both are listed every ``interval_s`` seconds, and the records are written into the
+hosts file of every pod the agent runs, in place (the file is bind-mounted into the pod's mount
+namespace, so its inode must stay). Several agents of one cluster each keep their own pods' files.
 """
 
 from __future__ import annotations
@@ -25,8 +28,6 @@ Json = dict[str, Any]
 log = logging.getLogger(__name__)
 
 CLUSTER_DOMAIN = "cluster.local"
-HEADLESS_LABEL = "service.kubernetes.io/headless"
-SERVICE_LABEL = "kubernetes.io/service-name"
 
 
 @dataclass(frozen=True)
@@ -52,24 +53,40 @@ class PodHosts:
     service_ip: str | None
 
 
-def records_from_slices(slices: list[Json]) -> list[Record]:
-    """The DNS records of the headless Services' EndpointSlices, in a stable order."""
+def records_from(services: list[Json], pods: list[Json]) -> list[Record]:
+    """The DNS records of the headless Services and the pods they select, in a stable order."""
     records: list[Record] = []
-    for item in slices:
-        meta = item.get("metadata") or {}
-        labels = meta.get("labels") or {}
-        service = labels.get(SERVICE_LABEL)
-        if service is None or HEADLESS_LABEL not in labels:
+    for service in services:
+        meta = service["metadata"]
+        if (service.get("spec") or {}).get("clusterIP") != "None":
             continue
-        namespace = meta["namespace"]
-        zone = f"{service}.{namespace}.svc"
-        for endpoint in item.get("endpoints") or []:
-            hostname = endpoint.get("hostname")
-            for address in endpoint.get("addresses") or []:
-                if hostname:
-                    records.append(Record(namespace, address, (f"{hostname}.{zone}.{CLUSTER_DOMAIN}", f"{hostname}.{zone}"), f"{hostname}.{service}"))
-                records.append(Record(namespace, address, (f"{zone}.{CLUSTER_DOMAIN}", zone)))
+        name, namespace = meta["name"], meta["namespace"]
+        zone = f"{name}.{namespace}.svc"
+        for pod in pods:
+            if pod["metadata"].get("namespace") != namespace or not _selects(service, pod) or not _endpoint(service, pod):
+                continue
+            address = pod["status"]["podIP"]
+            hostname = pod["spec"].get("hostname")
+            if hostname and pod["spec"].get("subdomain") == name:
+                records.append(Record(namespace, address, (f"{hostname}.{zone}.{CLUSTER_DOMAIN}", f"{hostname}.{zone}"), f"{hostname}.{name}"))
+            records.append(Record(namespace, address, (f"{zone}.{CLUSTER_DOMAIN}", zone)))
     return sorted(set(records), key=lambda r: (r.namespace, r.fqdns, r.address))
+
+
+def _selects(service: Json, pod: Json) -> bool:
+    selector: dict[str, str] = (service.get("spec") or {}).get("selector") or {}
+    labels: dict[str, str] = pod["metadata"].get("labels") or {}
+    return bool(selector) and all(labels.get(key) == value for key, value in selector.items())
+
+
+def _endpoint(service: Json, pod: Json) -> bool:
+    """Whether the EndpointSlice controller would list the pod for the Service."""
+    status = pod.get("status") or {}
+    if not status.get("podIP") or status.get("phase") in ("Succeeded", "Failed") or pod["metadata"].get("deletionTimestamp"):
+        return False
+    if (service.get("spec") or {}).get("publishNotReadyAddresses"):
+        return True
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
 
 
 def own_names(pod: PodHosts) -> list[str]:
@@ -94,8 +111,9 @@ def render(pod: PodHosts, records: list[Record]) -> str:
 class ClusterDns:
     """Keeps the hosts files of the registered pods current with the cluster's headless Services."""
 
-    def __init__(self, list_slices: Callable[[], list[Json]], interval_s: float = 1.0) -> None:
-        self._list_slices = list_slices
+    def __init__(self, list_services: Callable[[], list[Json]], list_pods: Callable[[], list[Json]], interval_s: float = 1.0) -> None:
+        self._list_services = list_services
+        self._list_pods = list_pods
         self._interval_s = interval_s
         self._pods: dict[str, PodHosts] = {}
         self._written: dict[str, str] = {}
@@ -132,10 +150,10 @@ class ClusterDns:
 
     def _refresh_records(self) -> None:
         try:
-            records = records_from_slices(self._list_slices())
+            records = records_from(self._list_services(), self._list_pods())
         except Exception as error:
             # An apiserver restart: the files keep the last records until the next listing.
-            log.warning("listing EndpointSlices failed: %s", error)
+            log.warning("listing Services and pods failed: %s", error)
             return
         with self._lock:
             self._records = records

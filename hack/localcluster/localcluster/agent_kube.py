@@ -48,7 +48,6 @@ class KubeApi:
         self.api_client = api_client
         self.core = client.CoreV1Api(api_client)
         self.coordination = client.CoordinationV1Api(api_client)
-        self.discovery = client.DiscoveryV1Api(api_client)
 
     # pods
 
@@ -96,9 +95,16 @@ class KubeApi:
             if error.status not in (404, 409):
                 raise
 
-    def list_endpoint_slices(self) -> list[Json]:
-        """Every EndpointSlice of the cluster: what cluster DNS serves from."""
-        items: list[Json] = _decode(self.discovery.list_endpoint_slice_for_all_namespaces(_preload_content=False)).get("items") or []
+    def list_services(self) -> list[Json]:
+        """Every Service of the cluster; those without a cluster IP are the ones cluster DNS gives per-pod names."""
+        listing = _decode(self.core.list_service_for_all_namespaces(_preload_content=False))
+        items: list[Json] = listing.get("items") or []
+        return items
+
+    def list_live_pods(self) -> list[Json]:
+        """Every pod of the cluster that is not terminal: headless Services select among them."""
+        listing = _decode(self.core.list_pod_for_all_namespaces(field_selector="status.phase!=Succeeded,status.phase!=Failed", _preload_content=False))
+        items: list[Json] = listing.get("items") or []
         return items
 
     # what containers consume

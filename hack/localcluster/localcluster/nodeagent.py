@@ -120,7 +120,7 @@ class NodeAgent:
         )
         # Agents of one cluster share a salt and differ in offset, so their nodes' pods never share an address.
         self.addresses = PodAddresses(salt=address_salt or str(self.workdir), offset=pod_subnet_offset)
-        self._dns = ClusterDns(self.api.list_endpoint_slices)
+        self._dns = ClusterDns(self.api.list_services, self.api.list_live_pods)
         self._workers: dict[str, PodWorker] = {}
         self._abandoned: set[str] = set()
         self._lock = threading.Lock()
