@@ -59,7 +59,8 @@ def two_processes_on_one_host(stack: Stack, name: str, tmp_path: Path) -> Traine
         own = copy.deepcopy(config)
         folder = tmp_path / f"process-{index}"
         folder.mkdir()
-        own["runtime"].update(workDir=str(folder), terminationMessagePath=str(folder / "termination-log"))
+        # Host processes share one network stack: each serves its metrics on a port of its own.
+        own["runtime"].update(workDir=str(folder), terminationMessagePath=str(folder / "termination-log"), metricsPort=free_port())
         env = {key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "KUBETUNE_", "PYTEST_"))}
         env.update(stack.s3.env(), JOB_COMPLETION_INDEX=str(index), KUBETUNE_POD_IP="127.0.0.1", KUBETUNE_POD_NAME=f"reference-{index}")
         env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")

@@ -19,6 +19,7 @@ join timeout with ``RendezvousTimeout`` and the ranks whose pods have no address
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
@@ -165,6 +166,11 @@ def launch(topo: Topology, entrypoint: Callable[..., Any], *args: Any) -> int:
         shutdown_timeout=3600,
     )
     wait_for_rendezvous_host(topo)
+    if topo.nodes > 1:
+        # The workers' store is published anew in each round of the rendezvous. Shared with the rendezvous (torch's
+        # default), a pod that is rank 0 again after a restart reuses the first round's and never publishes it, and a
+        # replacement pod then waits for it forever.
+        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     try:
         elastic_launch(config, entrypoint)(*args)
     except ChildFailedError as error:
