@@ -39,6 +39,11 @@ class ExitCode(IntEnum):
     """The adapter failed spec.evaluation; it was kept as a rejected candidate, not published."""
     DISK_FULL = 18
     """A volume of the pod filled up (no space left on device)."""
+    RENDEZVOUS_TIMEOUT = 19
+    """A multi-node run's ranks did not all join within spec.distributed.joinTimeoutSeconds; the message names the missing ones."""
+    COLLECTIVE_TIMEOUT = 20
+    """A collective across the run's processes did not finish within spec.distributed.collectiveTimeoutSeconds (a rank
+    stopped answering). Retried from the newest checkpoint."""
 
 
 NON_RETRIABLE: frozenset[ExitCode] = frozenset(
@@ -52,6 +57,8 @@ NON_RETRIABLE: frozenset[ExitCode] = frozenset(
         ExitCode.DIVERGED,
         ExitCode.EVALUATION_GATE_FAILED,
         ExitCode.DISK_FULL,
+        # A pod that finds no node does not find one by running its peers again: the job fails, naming it.
+        ExitCode.RENDEZVOUS_TIMEOUT,
     }
 )
 
@@ -70,5 +77,7 @@ REASONS: dict[ExitCode, str] = {
     ExitCode.DIVERGED: "Diverged",
     ExitCode.EVALUATION_GATE_FAILED: "EvaluationGateFailed",
     ExitCode.DISK_FULL: "DiskFull",
+    ExitCode.RENDEZVOUS_TIMEOUT: "RendezvousTimeout",
+    ExitCode.COLLECTIVE_TIMEOUT: "CollectiveTimeout",
 }
 """CamelCase reason for each exit code, used in termination messages and FinetuneJob conditions."""

@@ -19,7 +19,10 @@ MESSAGES: dict[str, str] = {
     "training.eval_every": "spec.training.evalEvery needs spec.dataset.eval (a ratio or a source)",
     "evaluation.eval": "spec.evaluation needs spec.dataset.eval (a ratio or a source): the gate compares eval losses",
     "quantization.method": "spec.quantization is only valid with method: qlora; remove it or set spec.method to qlora",
-    "resources.multinode": "spec.resources.nodes > 1 needs spec.resources.gpus > 0: multi-node training runs on GPUs",
+    "resources.multinode": (
+        "spec.resources.nodeSelector: a job with spec.resources.nodes > 1 runs one pod per node (GPU nodes, or CPU nodes with gloo "
+        "when gpus is 0), so it must not pin kubernetes.io/hostname; remove that key or set nodes to 1"
+    ),
     "training.fp16_cpu": "spec.training.precision fp16 needs GPUs: use auto or fp32 when spec.resources.gpus is 0",
     "training.paged_cpu": "spec.training.optimizer: paged optimizers need GPUs; use adamw when spec.resources.gpus is 0",
     "spec.immutable": ("spec is immutable except {mutable}: delete and recreate the FinetuneJob to change what it trains"),

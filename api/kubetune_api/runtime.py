@@ -31,6 +31,8 @@ MODELS_DIR = "/models"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 METRICS_PORT = 9184
 RENDEZVOUS_PORT = 29500
+DEFAULT_JOIN_TIMEOUT_S = 600
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600
 
 
 RUN_UID_PATTERN = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$"
@@ -67,6 +69,16 @@ class RuntimeConfig(ApiModel):
         default="127.0.0.1", description="Stable DNS name of the pod with completion index 0, where the ranks meet; loopback for one pod."
     )
     rendezvous_port: int = Field(default=RENDEZVOUS_PORT, ge=1, le=65535, description="Port of the rendezvous on rendezvousHost.")
+    peer_hosts: list[str] = Field(
+        default_factory=list, description="Stable DNS name of each pod of a multi-node run, by node rank (completion index); empty for one pod."
+    )
+    join_timeout_seconds: int = Field(
+        default=DEFAULT_JOIN_TIMEOUT_S, ge=1, description="How long the pods of a multi-node run wait for each other at the rendezvous."
+    )
+    collective_timeout_seconds: int = Field(
+        default=DEFAULT_COLLECTIVE_TIMEOUT_S, ge=1, description="How long one collective (gloo or NCCL) may take before the run fails."
+    )
+    max_restarts: int = Field(default=0, ge=0, description="Times a multi-node pod restarts its workers in place when a rank fails (the job's backoffLimit).")
     metrics_port: int = Field(default=METRICS_PORT, ge=1, le=65535, description="Port of the Prometheus metrics endpoint.")
     metrics_linger_seconds: int = Field(
         default=30,

@@ -24,6 +24,7 @@ from kubetune_api.recipe import RECIPE_RULES, Optimizer, Precision, TrainingReci
 from kubetune_api.result import CheckpointRef, PreparationReport, TrainingResult
 from kubetune_api.schema import K8S_NAME_PATTERN, ApiModel, cel, validations, without_nulls
 from kubetune_api.serving import ServingReport
+from kubetune_operator.distributedspec import DistributedSpec
 from kubetune_operator.sinkspec import MAX_SINKS, NOTIFICATIONS_DESCRIPTION, NotificationSink
 from kubetune_operator.usagespec import Usage
 
@@ -92,15 +93,27 @@ class Affinity(ApiModel):
     node_affinity: NodeAffinity | None = Field(default=None, description="Node affinity of the trainer pods.")
 
 
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+"""The node label a multi-node job's pods spread over, one per value."""
+
+
 class ResourcesSpec(ApiModel):
     """Where and on how much hardware the trainer runs."""
 
     model_config = ConfigDict(
-        json_schema_extra=validations(cel("!has(self.nodes) || self.nodes == 1 || !has(self.gpus) || self.gpus > 0", message("resources.multinode")))
+        json_schema_extra=validations(
+            cel(f"!has(self.nodes) || self.nodes == 1 || !has(self.nodeSelector) || !('{HOSTNAME_LABEL}' in self.nodeSelector)", message("resources.multinode"))
+        )
     )
 
-    gpus: int = Field(default=1, ge=0, le=64, description="GPUs per node (pod). 0 runs a CPU-only trainer (tests and demos).")
-    nodes: int = Field(default=1, ge=1, le=256, description="Number of nodes; above 1 the trainer runs as an Indexed Job with one pod per node.")
+    gpus: int = Field(default=1, ge=0, le=64, description="GPUs per node (pod). 0 runs a CPU-only trainer (tests and demos), with gloo across nodes.")
+    nodes: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Number of nodes; above 1 the trainer runs as an Indexed Job with one pod per node (required pod anti-affinity on "
+        "kubernetes.io/hostname), its ranks meeting through a headless Service.",
+    )
     gpu_resource_name: str = Field(
         default="nvidia.com/gpu",
         max_length=253,
@@ -225,11 +238,18 @@ class FinetuneJobSpec(TrainingRecipe):
     model_config = ConfigDict(json_schema_extra=_spec_schema)
 
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Hardware and scheduling of the trainer pods.")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="Rendezvous and collective timeouts of a run over several processes or pods."
+    )
     suspend: Annotated[bool, MUTABLE] = Field(
         default=False, description="Pause the job: running trainer pods checkpoint and stop; unsuspend resumes from the checkpoint."
     )
     backoff_limit: Annotated[int, MUTABLE] = Field(
-        default=3, ge=0, le=100, description="Retries of the trainer after runtime failures (configuration errors are never retried)."
+        default=3,
+        ge=0,
+        le=100,
+        description="Retries of the trainer after runtime failures (configuration errors are never retried). In a multi-node job a "
+        "failed rank's pod is replaced by the Job controller, and the other pods restart their ranks in place, as often as this.",
     )
     active_deadline_seconds: Annotated[int | None, MUTABLE] = Field(default=None, ge=60, description="Fail the job when it runs longer than this.")
     max_disruptions: int = Field(
@@ -287,7 +307,7 @@ MUTABLE_FIELDS = tuple(_aliases(FinetuneJobSpec, True))
 def spec_errors(spec: FinetuneJobSpec) -> list[str]:
     """Python twins of the hardware rules in SPEC_RULES, for specs that did not pass the apiserver."""
     errors: list[str] = []
-    if spec.resources.nodes > 1 and spec.resources.gpus == 0:
+    if spec.resources.nodes > 1 and HOSTNAME_LABEL in spec.resources.node_selector:
         errors.append(message("resources.multinode"))
     if spec.resources.gpus == 0 and spec.training.precision is Precision.FP16:
         errors.append(message("training.fp16_cpu"))

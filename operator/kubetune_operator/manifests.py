@@ -61,6 +61,11 @@ def service_name(name: str) -> str:
     return f"{name}-trainer"
 
 
+def peer_selector(name: str) -> dict[str, str]:
+    """What selects a job's trainer pods: the headless Service, their anti-affinity, the peer NetworkPolicy."""
+    return {LABEL_FINETUNEJOB: name, LABEL_MANAGED_BY: MANAGED_BY}
+
+
 def child_labels(name: str) -> dict[str, str]:
     """Labels on every child; kubetune.io/finetunejob is how watches map a child to its owner."""
     return {
@@ -108,6 +113,9 @@ def trainer_config(
     recipe = spec.model_dump(include=set(TrainingRecipe.model_fields))
     if preparation is not None and preparation.fit is not None and preparation.fit.fits and spec.training.auto_fit:
         recipe["training"] = {**recipe["training"], **training_overrides(preparation.fit)}
+    # Each pod by its stable name under the headless Service (the Job controller names pod k's host <job>-k); rank 0 hosts
+    # the rendezvous.
+    peers = [f"{job_name(name)}-{rank}.{service_name(name)}" for rank in range(spec.resources.nodes)] if spec.resources.nodes > 1 else []
     memory, source = gpu_memory if gpu_memory is not None and spec.resources.gpus > 0 else (None, GpuMemorySource.DEFAULT)
     runtime = RuntimeConfig(
         namespace=job.metadata.namespace,
@@ -117,8 +125,13 @@ def trainer_config(
         gpus_per_node=spec.resources.gpus,
         nodes=spec.resources.nodes,
         # The pod of completion index 0, by its stable name under the headless Service.
-        rendezvous_host=f"{job_name(name)}-0.{service_name(name)}" if spec.resources.nodes > 1 else "127.0.0.1",
+        rendezvous_host=peers[0] if peers else "127.0.0.1",
         rendezvous_port=RENDEZVOUS_PORT,
+        peer_hosts=peers,
+        join_timeout_seconds=spec.distributed.join_timeout_seconds,
+        collective_timeout_seconds=spec.distributed.collective_timeout_seconds,
+        # The other pods restart their ranks in place while the Job controller replaces a failed one.
+        max_restarts=spec.backoff_limit if spec.resources.nodes > 1 else 0,
         metrics_port=settings.trainer_metrics_port,
         work_dir=WORK_DIR,
         termination_message_path=TERMINATION_MESSAGE_PATH,
@@ -157,7 +170,7 @@ def build_service(job: FinetuneJob, settings: OperatorSettings) -> Manifest | No
         "metadata": _metadata(job, service_name(name)),
         "spec": {
             "clusterIP": "None",
-            "selector": {LABEL_FINETUNEJOB: name, LABEL_MANAGED_BY: MANAGED_BY},
+            "selector": peer_selector(name),
             # Ranks must resolve each other before any of them is ready.
             "publishNotReadyAddresses": True,
             "ports": [
@@ -170,7 +183,14 @@ def build_service(job: FinetuneJob, settings: OperatorSettings) -> Manifest | No
 
 def _trainer_pod(job: FinetuneJob, settings: OperatorSettings, preparation: PreparationReport | None) -> Manifest:
     name = job.metadata.name
-    return pod_spec(job, settings, config_map_name(name), service_name(name), model_parameters=preparation.model_parameters if preparation else None)
+    return pod_spec(
+        job,
+        settings,
+        config_map_name(name),
+        service_name(name),
+        model_parameters=preparation.model_parameters if preparation else None,
+        peer_labels=peer_selector(name),
+    )
 
 
 def _prepare_pod(job: FinetuneJob, settings: OperatorSettings) -> Manifest:
@@ -257,7 +277,7 @@ def build_peer_network_policy(job: FinetuneJob, settings: OperatorSettings) -> M
     and no other job's pods reach them; only when the chart's NetworkPolicies are on."""
     if job.spec.resources.nodes <= 1 or not settings.trainer_peer_network_policy:
         return None
-    own_pods = {"matchLabels": {LABEL_FINETUNEJOB: job.metadata.name, LABEL_MANAGED_BY: MANAGED_BY}}
+    own_pods = {"matchLabels": peer_selector(job.metadata.name)}
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",

@@ -6,7 +6,7 @@ from typing import Any
 
 from kubetune_api import disk
 from kubetune_api.runtime import CONFIG_DIR, CONFIG_PATH, MODELS_DIR, RENDEZVOUS_PORT, TERMINATION_MESSAGE_PATH, WORK_DIR, env_name
-from kubetune_operator.api import FinetuneJob
+from kubetune_operator.api import HOSTNAME_LABEL, FinetuneJob
 from kubetune_operator.settings import OperatorSettings
 
 Manifest = dict[str, Any]
@@ -130,11 +130,17 @@ def _container(job: FinetuneJob, settings: OperatorSettings, config_map: str, pr
 
 
 def pod_spec(
-    job: FinetuneJob, settings: OperatorSettings, config_map: str, subdomain: str, prepare: bool = False, model_parameters: int | None = None
+    job: FinetuneJob,
+    settings: OperatorSettings,
+    config_map: str,
+    subdomain: str,
+    prepare: bool = False,
+    model_parameters: int | None = None,
+    peer_labels: dict[str, str] | None = None,
 ) -> Manifest:
     """The pod template's spec of a trainer (or, with ``prepare``, a preparation) pod: restricted security context,
     the config, shared-memory, scratch and tmp volumes, and the GPU pool's placement; ``subdomain`` is the headless
-    Service a multi-node job's pods resolve each other through."""
+    Service a multi-node job's pods resolve each other through, ``peer_labels`` what selects them all (one per node)."""
     spec = job.spec.resources
     volumes, _ = _volumes(job, config_map, model_parameters)
     pod: Manifest = {
@@ -161,6 +167,8 @@ def pod_spec(
         pod["nodeSelector"] = dict(spec.node_selector)
     if spec.affinity is not None:
         pod["affinity"] = _prune(spec.affinity.to_api())
+    if spec.nodes > 1 and not prepare:
+        pod.setdefault("affinity", {})["podAntiAffinity"] = one_pod_per_node(peer_labels or {})
     if spec.priority_class_name:
         pod["priorityClassName"] = spec.priority_class_name
     if prepare:
@@ -170,6 +178,13 @@ def pod_spec(
     elif spec.nodes > 1:
         pod["subdomain"] = subdomain
     return pod
+
+
+def one_pod_per_node(peer_labels: dict[str, str]) -> Manifest:
+    """Required anti-affinity among a multi-node job's pods: two ranks on one node would share its GPUs (or CPUs) and its
+    network, so a pod that finds no free node stays Pending (and the run reports the rank that did not join)."""
+    term = {"labelSelector": {"matchLabels": dict(peer_labels)}, "topologyKey": HOSTNAME_LABEL}
+    return {"requiredDuringSchedulingIgnoredDuringExecution": [term]}
 
 
 def _prune(value: Any) -> Any:

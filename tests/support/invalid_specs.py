@@ -26,7 +26,9 @@ INVALID_SPECS: list[InvalidSpec] = [
     InvalidSpec("both-epochs-and-max-steps", {"spec.training.epochs": 1}, "spec.training"),
     InvalidSpec("neither-epochs-nor-max-steps", {"spec.training.maxSteps": InvalidSpec.DELETE}, "spec.training"),
     InvalidSpec("quantization-with-lora", {"spec.quantization": {"bits": 4}}, "spec.quantization"),
-    InvalidSpec("multi-node-on-cpu", {"spec.resources.nodes": 2}, "spec.resources"),
+    InvalidSpec(
+        "multi-node-on-one-host", {"spec.resources.nodes": 2, "spec.resources.nodeSelector": {"kubernetes.io/hostname": "a"}}, "spec.resources.nodeSelector"
+    ),
     InvalidSpec("fp16-on-cpu", {"spec.training.precision": "fp16"}, "spec.training.precision"),
     InvalidSpec("unknown-method", {"spec.method": "full"}, "spec.method"),
     InvalidSpec("negative-learning-rate", {"spec.training.learningRate": -0.1}, "spec.training.learningRate"),

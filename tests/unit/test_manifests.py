@@ -481,3 +481,37 @@ def test_an_unset_scratch_size_is_derived_from_the_model_the_preparation_read() 
     assert {v["name"]: v for v in pod_spec(chosen)["volumes"]}["scratch"]["emptyDir"] == {"sizeLimit": "64Gi"}
     unknown = manifests.build_children(make(resources={"gpus": 1}), SETTINGS, preparation_report())[-1]
     assert {v["name"]: v for v in pod_spec(unknown)["volumes"]}["scratch"]["emptyDir"] == {"sizeLimit": "200Gi"}
+
+
+def test_a_multi_node_job_places_one_pod_per_node_also_on_cpu() -> None:
+    cpu_gang = make(resources={"gpus": 0, "nodes": 2})
+    pod = manifests.build_job(cpu_gang, SETTINGS)["spec"]["template"]["spec"]
+    (term,) = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    # The term selects exactly the pods the headless Service does: this job's ranks, no other job's.
+    service = manifests.build_service(cpu_gang, SETTINGS)
+    assert service is not None and term["labelSelector"]["matchLabels"] == service["spec"]["selector"]
+    assert manifests.build_job(cpu_gang, SETTINGS)["spec"]["template"]["metadata"]["labels"].items() >= term["labelSelector"]["matchLabels"].items()
+    assert pod["subdomain"] == service["metadata"]["name"] and "nvidia.com/gpu" not in str(pod["containers"][0].get("resources"))
+    # The user's node affinity stays beside it; a one-node job gets no anti-affinity.
+    zoned = make(
+        resources={
+            "gpus": 0,
+            "nodes": 2,
+            "affinity": {
+                "nodeAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {"weight": 5, "preference": {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}}
+                    ]
+                }
+            },
+        }
+    )
+    assert set(manifests.build_job(zoned, SETTINGS)["spec"]["template"]["spec"]["affinity"]) == {"nodeAffinity", "podAntiAffinity"}
+    assert "affinity" not in manifests.build_job(make(resources={"gpus": 0}), SETTINGS)["spec"]["template"]["spec"]
+
+
+def test_a_multi_node_job_may_not_pin_one_host() -> None:
+    with pytest.raises(ValueError, match=r"spec.resources.nodeSelector.*kubernetes.io/hostname"):
+        make(resources={"gpus": 0, "nodes": 2, "nodeSelector": {"kubernetes.io/hostname": "cpu-node-0"}})
+    assert make(resources={"gpus": 0, "nodes": 1, "nodeSelector": {"kubernetes.io/hostname": "cpu-node-0"}}).spec.resources.nodes == 1

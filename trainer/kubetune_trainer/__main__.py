@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             nproc_per_node=topo.processes_per_node,
             master=f"{topo.rendezvous_host}:{topo.rendezvous_port}",
         )
-        return distributed.launch(topo, entry.worker, str(args.config))
+        try:
+            return distributed.launch(topo, entry.worker, str(args.config))
+        except TrainerError as error:
+            return int(result.report_failure(error, None, config.runtime.termination_message_path, environment))
     return int(entry.run(config, environment))
 
 

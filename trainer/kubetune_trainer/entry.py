@@ -56,7 +56,7 @@ def run(config: TrainerConfig, environment: TrainerEnvironment | None = None) ->
         error = TrainerError("The pod asked for GPUs but CUDA sees none; check the node's NVIDIA driver and device plugin.")
         path = config.runtime.termination_message_path if distributed.init(False).is_local_main else None
         return result.report_failure(error, None, path, environment)
-    ctx = distributed.init(use_cuda, environment.completion_index)
+    ctx = distributed.init(use_cuda, environment.completion_index, collective_timeout_s=config.runtime.collective_timeout_seconds)
     logs.setup(environment=environment, rank=ctx.rank, namespace=config.runtime.namespace, finetunejob=config.runtime.job_name)
     logs.quiet_libraries()
     stop = StopFlag()

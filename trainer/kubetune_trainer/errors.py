@@ -62,6 +62,12 @@ class OutOfMemoryError(TrainerError):
     exit_code = ExitCode.OUT_OF_MEMORY
 
 
+class CollectiveTimeout(TrainerError):
+    """A collective across the ranks did not finish in time: one rank stopped answering."""
+
+    exit_code = ExitCode.COLLECTIVE_TIMEOUT
+
+
 class Interrupted(TrainerError):
     """SIGTERM arrived; the newest checkpoint has been uploaded."""
 
@@ -74,6 +80,11 @@ def classify(error: BaseException) -> TrainerError:
         return error
     if _is_out_of_memory(error):
         return OutOfMemoryError(f"The GPU ran out of memory ({_first_line(error)}). {OOM_ADVICE}")
+    if _is_collective_timeout(error):
+        return CollectiveTimeout(
+            f"A collective across the run's ranks timed out ({_first_line(error)}): another rank stopped answering (a hung or lost "
+            "pod, a stalled network). The job is retried from its newest checkpoint; spec.distributed.collectiveTimeoutSeconds sets the limit."
+        )
     return TrainerError(f"Unexpected {type(error).__name__}: {_first_line(error)}. The job is retried from its newest checkpoint.")
 
 
@@ -97,6 +108,12 @@ def _is_out_of_memory(error: BaseException) -> bool:
         return True
     # Some kernels surface CUDA OOM as a plain RuntimeError.
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def _is_collective_timeout(error: BaseException) -> bool:
+    # gloo: "Timed out waiting 600000ms for recv operation to complete"; NCCL's watchdog: "Watchdog caught collective operation timeout".
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("timed out waiting" in text or "collective operation timeout" in text)
 
 
 def _first_line(error: BaseException) -> str:

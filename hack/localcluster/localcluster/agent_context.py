@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from localcluster.agent_dns import ClusterDns
 from localcluster.agent_kube import KubeApi
 
 
@@ -24,6 +25,8 @@ class AgentContext:
     stop_grace_s: float
     # Where kubernetes.default.svc points in pods' /etc/hosts (None: not served).
     service_ip: str | None = None
+    # Keeps pods' hosts files current with the cluster's headless Services (None: only the pod's own names).
+    dns: ClusterDns | None = None
 
     @property
     def agent_id(self) -> str:

@@ -95,6 +95,18 @@ class KubeApi:
             if error.status not in (404, 409):
                 raise
 
+    def list_services(self) -> list[Json]:
+        """Every Service of the cluster; those without a cluster IP are the ones cluster DNS gives per-pod names."""
+        listing = _decode(self.core.list_service_for_all_namespaces(_preload_content=False))
+        items: list[Json] = listing.get("items") or []
+        return items
+
+    def list_live_pods(self) -> list[Json]:
+        """Every pod of the cluster that is not terminal: headless Services select among them."""
+        listing = _decode(self.core.list_pod_for_all_namespaces(field_selector="status.phase!=Succeeded,status.phase!=Failed", _preload_content=False))
+        items: list[Json] = listing.get("items") or []
+        return items
+
     # what containers consume
 
     def get_secret_data(self, namespace: str, name: str) -> dict[str, str] | None:

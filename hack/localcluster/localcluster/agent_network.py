@@ -20,14 +20,14 @@ POD_NETWORK = ipaddress.ip_network("127.0.0.0/16")
 class PodAddresses:
     """Hands out 127.0.K.1, 127.0.K.2, ... (127.0.0.x stays the host's).
 
-    K comes from ``salt`` (the agent's workdir), so agents of different local clusters on one host
-    start in different /24s and their pods do not share an address.
+    K comes from ``salt`` (the agent's workdir, or one the agents of a cluster share) plus ``offset``, so
+    agents of different local clusters on one host, and the nodes of one cluster, start in different /24s.
     """
 
-    def __init__(self, salt: str = "") -> None:
+    def __init__(self, salt: str = "", offset: int = 0) -> None:
         self._used: set[str] = set()
         self._lock = threading.Lock()
-        self._first_subnet = 1 + zlib.crc32(salt.encode()) % 254 if salt else 1
+        self._first_subnet = 1 + ((zlib.crc32(salt.encode()) if salt else 0) + offset) % 254
 
     def _candidates(self) -> list[str]:
         hosts = [str(h) for h in POD_NETWORK.hosts()]

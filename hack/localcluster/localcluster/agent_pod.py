@@ -19,9 +19,9 @@ from kubernetes.client.exceptions import ApiException
 
 from localcluster import agent_process
 from localcluster.agent_context import AgentContext
+from localcluster.agent_dns import PodHosts, render
 from localcluster.agent_env import ContainerConfigError, container_env, expand
 from localcluster.agent_probe import ProbeState, run_probe
-from localcluster.agent_service import hosts_file
 from localcluster.agent_status import (
     FAILED,
     PENDING,
@@ -126,6 +126,8 @@ class PodWorker(threading.Thread):
         except Exception:
             log.exception("pod worker %s failed", self.name)
         finally:
+            if self.ctx.dns is not None:
+                self.ctx.dns.unregister(self.uid)
             self._kill_all(0)
             agent_process.kill_marked(self.ctx.agent_id, self.uid)
             self.volumes.cleanup()
@@ -248,7 +250,7 @@ class PodWorker(threading.Thread):
         mounts = [*mounts, Mount(self.pod_dir / "home", home, read_only=False)]
         if not pod["spec"].get("hostNetwork") and not any(agent_process.is_under("/etc/hosts", m.target) for m in mounts):
             hosts = self.pod_dir / "etc-hosts"
-            hosts.write_text(hosts_file(self.pod_ip, self._hostname(pod), self.ctx.service_ip))
+            self._write_hosts(pod, hosts)
             mounts.append(Mount(hosts, "/etc/hosts", read_only=False))
         full_env = {
             **self.ctx.image_env,
@@ -385,6 +387,13 @@ class PodWorker(threading.Thread):
         self.phase, self.reason = FAILED, "DeadlineExceeded"
         self.message = "Pod was active on the node longer than the specified deadline"
         self._event(pod, "Normal", "DeadlineExceeded", self.message)
+
+    def _write_hosts(self, pod: Json, path: Path) -> None:
+        entry = PodHosts(path, pod["metadata"]["namespace"], self.pod_ip, self._hostname(pod), pod["spec"].get("subdomain"), self.ctx.service_ip)
+        if self.ctx.dns is not None:
+            self.ctx.dns.register(self.uid, entry)
+        else:
+            path.write_text(render(entry, []))
 
     # reporting
 

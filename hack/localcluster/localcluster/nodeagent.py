@@ -18,7 +18,9 @@ in-cluster variables that point at the real apiserver, so in-cluster clients wor
 servers bound to $POD_IP do not collide (all pods share the host's network stack: a
 server bound to 0.0.0.0 takes its port on every address). hostNetwork pods get 127.0.0.1.
 Pods also get a kubelet-style /etc/hosts in which kubernetes.default.svc names an address
-where the agent relays port 443 to the apiserver (see agent_service). `kubectl logs` is not served; read the
+where the agent relays port 443 to the apiserver (see agent_service), and in which the names
+cluster DNS gives the pods of headless Services are kept current (see agent_dns). Several
+agents of one cluster (one per Node) pass one --address-salt and distinct --pod-subnet-offset. `kubectl logs` is not served; read the
 files, or `NodeAgent.container_log()` from a test.
 
 The agent must run as root (mount namespaces and bind mounts need it). Pods inherit the
@@ -56,6 +58,7 @@ from kubernetes.client.exceptions import ApiException
 
 from localcluster import agent_node, agent_process
 from localcluster.agent_context import AgentContext
+from localcluster.agent_dns import ClusterDns
 from localcluster.agent_kube import KubeApi, new_watch
 from localcluster.agent_network import HOST_IP, POD_NETWORK, PodAddresses, image_env, service_env
 from localcluster.agent_pod import PodWorker
@@ -92,6 +95,8 @@ class NodeAgent:
         max_restart_backoff_s: float = 300.0,
         stop_grace_s: float = 5.0,
         heartbeat_s: float = 10.0,
+        pod_subnet_offset: int = 0,
+        address_salt: str | None = None,
     ) -> None:
         configuration = client.Configuration()
         load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
@@ -113,7 +118,9 @@ class NodeAgent:
             max_restart_backoff_s=max_restart_backoff_s,
             stop_grace_s=stop_grace_s,
         )
-        self.addresses = PodAddresses(salt=str(self.workdir))
+        # Agents of one cluster share a salt and differ in offset, so their nodes' pods never share an address.
+        self.addresses = PodAddresses(salt=address_salt or str(self.workdir), offset=pod_subnet_offset)
+        self._dns = ClusterDns(self.api.list_services, self.api.list_live_pods)
         self._workers: dict[str, PodWorker] = {}
         self._abandoned: set[str] = set()
         self._lock = threading.Lock()
@@ -136,7 +143,8 @@ class NodeAgent:
         if leftovers:
             log.warning("killed %d processes left by an earlier agent", len(leftovers))
         self._kubelet_version = self._server_version()
-        self.ctx = dataclasses.replace(self.ctx, service_ip=self._service.start())
+        self.ctx = dataclasses.replace(self.ctx, service_ip=self._service.start(), dns=self._dns)
+        self._dns.start()
         self.api.ensure_node(agent_node.node_object(self.node_name))
         self._heartbeat_once()
         pods, resource_version = self.api.list_node_pods(self.node_name)
@@ -162,6 +170,7 @@ class NodeAgent:
         for worker in workers:
             worker.join(self.ctx.stop_grace_s + 10)
         agent_process.kill_marked(self.ctx.agent_id)
+        self._dns.stop()
         self._service.stop()
         for thread in self._threads:
             thread.join(1.0)
@@ -322,6 +331,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--node-name", default=DEFAULT_NODE_NAME)
     parser.add_argument("--workdir", required=True, type=Path, help="pod directories, logs and claims")
     parser.add_argument("--api-url", help="apiserver URL for in-cluster clients (default: the kubeconfig's)")
+    parser.add_argument("--pod-subnet-offset", type=int, default=0, help="which /24 after the salted first one this node's pods take")
+    parser.add_argument("--address-salt", help="picks the pods' first /24; the agents of one cluster share it (default: the workdir)")
     parser.add_argument("--restart-backoff-seconds", type=float, default=10.0)
     parser.add_argument("--stop-grace-seconds", type=float, default=5.0)
     parser.add_argument("--log-level", default="INFO")
@@ -338,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         api_url=args.api_url,
         restart_backoff_s=args.restart_backoff_seconds,
         stop_grace_s=args.stop_grace_seconds,
+        pod_subnet_offset=args.pod_subnet_offset,
+        address_salt=args.address_salt,
     )
     done = threading.Event()
 

@@ -3,8 +3,9 @@
 Used by the end-to-end suite and by ``make demo``. ``stop()`` ends every process it started.
 
 - the control plane and kwok's fake GPU nodes (``LocalCluster``);
-- the node agent, which runs pods bound to ``cpu-node-0`` as local processes, the operator's pod
-  from the chart's Deployment included (with its ServiceAccount's projected token);
+- two node agents, which run the pods bound to ``cpu-node-0`` and ``cpu-node-1`` as local processes, the
+  operator's pod from the chart's Deployment included (with its ServiceAccount's projected token), and give
+  them cluster DNS for headless Services (a 2-node job spreads over both);
 - moto's S3 server behind a stoppable proxy, holding the tiny model and the demo dataset;
 - Debian's Prometheus discovering annotated pods through the apiserver;
 - ``helm upgrade --install`` of ``charts/kubetune`` into a namespace that enforces the Pod Security
@@ -31,6 +32,9 @@ from tests.e2e.support.stack import Stack, StackSettings, merge_values
 
 # The job names the chart's ServiceMonitor and PodMonitor give the operator and the trainers; its
 # dashboards and alert rules select on them.
+CPU_NODES = ("cpu-node-0", "cpu-node-1")
+"""The node agents' nodes: two, so that a 2-node job runs one pod on each."""
+
 CHART_JOBS: list[JobRule] = [
     ({"app.kubernetes.io/part-of": "kubetune", "app.kubernetes.io/component": "operator"}, "kubetune-operator"),
     ({"app.kubernetes.io/name": "kubetune-trainer"}, "kubetune-trainer"),
@@ -65,7 +69,7 @@ class KubetuneStack(Stack):
         self.cluster: LocalCluster | None = None
         self.s3: MotoS3Server | None = None
         self.prometheus: Prometheus | None = None
-        self._agent: subprocess.Popen[bytes] | None = None
+        self._agents: list[subprocess.Popen[bytes]] = []
         # Everything below the workdir dies with this process, even when it is killed without stop().
         self._watchdog = Watchdog(self.workdir)
 
@@ -79,7 +83,7 @@ class KubetuneStack(Stack):
             progress("starting etcd, kube-apiserver, controller-manager, scheduler and kwok")
             self.cluster = LocalCluster(self.workdir / "cluster", bin_dir, watchdog=False)
             self.cluster.start()
-            progress("starting the node agent (cpu-node-0)")
+            progress(f"starting the node agents ({', '.join(CPU_NODES)})")
             self.start_agent()
             progress("starting S3 (moto) and uploading the tiny model and dataset")
             self.s3 = MotoS3Server(port=self.settings.s3_port)
@@ -124,15 +128,18 @@ class KubetuneStack(Stack):
 
     def start_agent(self) -> None:
         assert self.cluster is not None
-        with (self.workdir / "nodeagent.log").open("ab") as log:
-            self._agent = self._spawn_agent(log)
-        self.wait_for(
-            lambda: self.kubectl("get", "node", "cpu-node-0", "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}", check=False).stdout == "True",
-            60,
-            "cpu-node-0 Ready",
-        )
+        for index, node in enumerate(CPU_NODES):
+            # cpu-node-0 keeps the log and pod folders it had as the only node.
+            suffix = f"-{index}" if index else ""
+            with (self.workdir / f"nodeagent{suffix}.log").open("ab") as log:
+                self._agents.append(self._spawn_agent(log, node, index, self.workdir / f"node{suffix}"))
+        self.wait_for(lambda: all(self.node_ready(node) for node in CPU_NODES), 60, f"{', '.join(CPU_NODES)} Ready")
 
-    def _spawn_agent(self, log: Any) -> subprocess.Popen[bytes]:
+    def node_ready(self, node: str) -> bool:
+        ready = "jsonpath={.status.conditions[?(@.type=='Ready')].status}"
+        return self.kubectl("get", "node", node, "-o", ready, check=False).stdout == "True"
+
+    def _spawn_agent(self, log: Any, node: str, index: int, workdir: Path) -> subprocess.Popen[bytes]:
         assert self.cluster is not None
         return subprocess.Popen(
             [
@@ -141,8 +148,14 @@ class KubetuneStack(Stack):
                 "localcluster.nodeagent",
                 "--kubeconfig",
                 str(self.cluster.kubeconfig),
+                "--node-name",
+                node,
                 "--workdir",
-                str(self.workdir / "node"),
+                str(workdir),
+                "--address-salt",
+                str(self.workdir),
+                "--pod-subnet-offset",
+                str(index),
                 "--api-url",
                 self.cluster.api_url,
                 "--restart-backoff-seconds",
@@ -154,11 +167,11 @@ class KubetuneStack(Stack):
         )
 
     def stop_agent(self) -> None:
-        if self._agent is None:
-            return
-        self._agent.terminate()
-        wait_or_kill(self._agent, timeout=60)
-        self._agent = None
+        for agent in self._agents:
+            agent.terminate()
+        for agent in self._agents:
+            wait_or_kill(agent, timeout=60)
+        self._agents.clear()
 
     @property
     def kubectl_binary(self) -> str:
