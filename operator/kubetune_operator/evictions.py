@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kubetune_operator.api import ResourcesSpec
+from kubetune_operator.resourcesspec import ResourcesSpec
 
 Obj = dict[str, Any]
 

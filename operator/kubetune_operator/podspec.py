@@ -6,7 +6,8 @@ from typing import Any
 
 from kubetune_api import disk
 from kubetune_api.runtime import CONFIG_DIR, CONFIG_PATH, MODELS_DIR, RENDEZVOUS_PORT, TERMINATION_MESSAGE_PATH, WORK_DIR, env_name
-from kubetune_operator.api import HOSTNAME_LABEL, FinetuneJob
+from kubetune_operator.api import FinetuneJob
+from kubetune_operator.resourcesspec import HOSTNAME_LABEL
 from kubetune_operator.settings import OperatorSettings
 
 Manifest = dict[str, Any]

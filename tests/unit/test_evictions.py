@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from kubetune_operator.api import ResourcesSpec
 from kubetune_operator.evictions import eviction_advice
+from kubetune_operator.resourcesspec import ResourcesSpec
 from kubetune_operator.status import compute_status
 from tests.unit.test_status import conditions_by_type, ftj, job, observe, pod, terminated
 
