@@ -14,8 +14,8 @@ The model is this trainer as it runs (kubetune_trainer.model, loss, training), n
   copy of its input; each adapted layer's dropout keeps its mask and output; attention keeps q, k, v,
   its output and the log-sum-exp; the gated MLP keeps three intermediate tensors). With gradient
   checkpointing only each layer's input is kept and one layer is recomputed at a time. With
-  offloadActivations those saved tensors wait in host memory; the GPU holds the layer being computed
-  and the next one in transfer.
+  offloadActivations (and checkpointing) those inputs wait in host memory; the GPU holds the layer
+  being computed and the next one in transfer.
 - The loss (``LossModel``): above 256 MiB of fp32 logits per micro-batch the cross entropy runs in
   chunks of 1,024 tokens recomputed in the backward pass; below, the model's own loss holds the logits.
 
@@ -308,8 +308,9 @@ def estimate(inputs: EstimateInput) -> MemoryBreakdown:
     per_layer = layer_activation_bytes(inputs)
     # The final norm's fp32 input copy and the final hidden states feed the loss.
     tail = t * h * (4 + p)
-    # Offloaded, a layer's saved tensors are on the GPU only while that layer runs and while the next one's are copied.
-    resident_layers = min(layers, 2) if inputs.offload_activations else layers
+    # Offloaded, a layer's input is on the GPU only while that layer runs and while the next one's is copied. Without
+    # checkpointing every intermediate would go to host memory, which nothing here bounds: no saving is counted then.
+    resident_layers = min(layers, 2) if inputs.offload_activations and inputs.gradient_checkpointing else layers
     if inputs.gradient_checkpointing:
         activations = resident_layers * t * h * p + per_layer + tail
     else:

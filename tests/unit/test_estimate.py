@@ -80,15 +80,16 @@ def test_checkpointing_and_chunked_loss_shrink_activations_and_logits() -> None:
     assert full.logits < 2 * GI
 
 
-def test_offloaded_activations_leave_two_layers_of_saved_tensors_on_the_gpu() -> None:
+def test_offloaded_layer_inputs_leave_two_layers_of_them_on_the_gpu() -> None:
     spec = recipe(gradientCheckpointing=True, perDeviceBatchSize=2, offloadActivations=True)
     offloaded = inputs_for(spec, shape_8b(), gpus=1)
     assert offloaded.offload_activations
     kept = estimate(replace(offloaded, offload_activations=False))
     # 30 of the 32 layer inputs (micro-batch 2 x 2,048 tokens x 4,096 hidden x 2 bytes = 32 MiB each) wait in host memory.
     assert kept.activations - estimate(offloaded).activations == 30 * 2 * 2048 * 4096 * 2
+    # Without checkpointing every intermediate would wait in host memory, which the estimate cannot bound: no saving.
     without_checkpointing = replace(offloaded, gradient_checkpointing=False)
-    assert estimate(without_checkpointing).activations < estimate(replace(without_checkpointing, offload_activations=False)).activations / 10
+    assert estimate(without_checkpointing) == estimate(replace(without_checkpointing, offload_activations=False))
 
 
 def test_the_total_is_the_sum_of_the_parts() -> None:
