@@ -19,7 +19,7 @@ from kubetune_operator.manifests import job_name
 from localcluster.kueue import Kueue
 from tests.e2e.support.local_stack import KubetuneStack
 from tests.e2e.support.stack import REPO, Stack
-from tests.e2e.test_finetunejobs import condition, wait_for_checkpoint
+from tests.e2e.test_finetunejobs import condition, progress_of, wait_for_checkpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.local_cluster]
 
@@ -182,7 +182,9 @@ def test_higher_priority_job_preempts_and_the_preempted_one_resumes(kueue: Stack
     # Room for one CPU trainer at a time.
     stack.apply(cluster_queue("cpu-one", {"cpu": "1", "memory": "2Gi"}, preemption=True))
     stack.apply(local_queue(stack, "team-c", "cpu-one"))
-    low = stack.example("tiny-cpu-lora.yaml", queueName="team-c", training={"maxSteps": 400, "checkpointEvery": 25, "logEvery": 5})
+    # Periodic checkpoints far apart: the one the preempted attempt leaves can only be the SIGTERM one.
+    periodic = 200
+    low = stack.example("tiny-cpu-lora.yaml", queueName="team-c", training={"maxSteps": 3 * periodic, "checkpointEvery": periodic, "logEvery": 5})
     low["metadata"]["name"] = "preempted"
     low["spec"]["resources"]["priorityClassName"] = "kueue-test-low"
     high = stack.example("tiny-cpu-lora.yaml", queueName="team-c", training={"maxSteps": 20, "checkpointEvery": 10})
@@ -190,7 +192,9 @@ def test_higher_priority_job_preempts_and_the_preempted_one_resumes(kueue: Stack
     high["spec"]["resources"]["priorityClassName"] = "kueue-test-high"
     try:
         stack.apply(low)
-        checkpoint_before = wait_for_checkpoint(stack, "preempted")
+        assert wait_for_checkpoint(stack, "preempted") == periodic
+        at_preemption = int(progress_of(stack, "preempted")["step"])
+        assert at_preemption >= periodic, at_preemption
         stack.apply(high)
         stack.wait_for(lambda: waiting_for_admission(stack, "preempted", "team-c"), 300, "preempted back in its queue")
         # Kueue suspended its Job: the trainer got SIGTERM, checkpointed and exited; no pod is left.
@@ -202,8 +206,8 @@ def test_higher_priority_job_preempts_and_the_preempted_one_resumes(kueue: Stack
         assert status["phase"] == "Succeeded", status
         stopped, *later = status["usage"]["attempts"]
         assert later, status["usage"]
-        # The step the preempted attempt checkpointed last (on SIGTERM) is where the next one resumed.
-        assert stopped["checkpointStep"] >= checkpoint_before, status["usage"]
+        # The preempted attempt checkpointed on SIGTERM, past its periodic checkpoint, and the next attempt resumed there.
+        assert at_preemption <= stopped["checkpointStep"] < 2 * periodic, (at_preemption, status["usage"])
         assert status["result"]["resumedFromStep"] == stopped["checkpointStep"], status
     finally:
         delete(stack, "preempted", "preempting")
