@@ -15,6 +15,15 @@ from tests.trainer.conftest import TrainerRun, finish, run_prefix, start_trainer
 pytestmark = pytest.mark.trainer
 
 
+PEER_HOSTS = ["127.0.0.1", "127.0.0.2"]
+"""Each pod's address (KUBETUNE_POD_IP below), standing in for its stable DNS name: the rendezvous orders ranks by these,
+so the pod of completion index 0 holds rank 0 whichever pod joins first."""
+
+
+def pod_ip(index: int) -> str:
+    return f"127.0.0.{index + 1}"
+
+
 def run_pods(config: dict[str, Any], server: MotoS3Server, tmp_path: Path, nodes: int) -> list[TrainerRun]:
     """Start one trainer per pod, each with its own scratch folder, completion index and address, and wait for all."""
     pods = []
@@ -23,7 +32,7 @@ def run_pods(config: dict[str, Any], server: MotoS3Server, tmp_path: Path, nodes
         pod.mkdir()
         own = copy.deepcopy(config)
         own["runtime"] = {**own["runtime"], "workDir": str(pod / "work"), "terminationMessagePath": str(pod / "termination-log")}
-        env = trainer_env(server, JOB_COMPLETION_INDEX=str(index), KUBETUNE_POD_IP=f"127.0.0.{index + 1}", KUBETUNE_POD_NAME=f"ddp-trainer-{index}")
+        env = trainer_env(server, JOB_COMPLETION_INDEX=str(index), KUBETUNE_POD_IP=pod_ip(index), KUBETUNE_POD_NAME=f"ddp-trainer-{index}")
         pods.append((start_trainer(write_config(own, pod / "config.yaml"), env), pod / "termination-log"))
     # Each pod's output is drained on its own thread: a full pipe would stall that pod and the collective with it.
     with ThreadPoolExecutor(max_workers=nodes) as pool:
@@ -40,7 +49,7 @@ def test_two_processes_train_one_adapter(tiny_model_dir: Path, memorise_jsonl: P
         tmp_path,
         training={"maxSteps": 10, "checkpointEvery": 5, "logEvery": 5},
         output={"bucket": s3_bucket, "prefix": "runs", "endpointUrl": s3_server.endpoint_url, "region": "us-east-1", "keepCheckpointsAfterSuccess": True},
-        runtime={**runtime, "jobName": "ddp", "nodes": 2, "rendezvousHost": "127.0.0.1", "rendezvousPort": free_port()},
+        runtime={**runtime, "jobName": "ddp", "nodes": 2, "rendezvousHost": "127.0.0.1", "rendezvousPort": free_port(), "peerHosts": PEER_HOSTS},
     )
     pods = run_pods(config, s3_server, tmp_path, nodes=2)
     for pod in pods:

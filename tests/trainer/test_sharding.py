@@ -14,7 +14,7 @@ import torch
 
 from tests.support.s3 import MotoS3Server, free_port
 from tests.trainer.conftest import TrainerRun, start_trainer, trainer_config, trainer_env, write_config
-from tests.trainer.test_distributed import run_pods
+from tests.trainer.test_distributed import PEER_HOSTS, pod_ip, run_pods
 
 pytestmark = pytest.mark.trainer
 
@@ -34,7 +34,7 @@ def two_pod_config(
         tmp_path,
         method=method,
         training={"maxSteps": STEPS, "checkpointEvery": 5, "logEvery": 1, "sharding": sharding},
-        runtime={**runtime, "jobName": name, "nodes": 2, "rendezvousHost": "127.0.0.1", "rendezvousPort": free_port()},
+        runtime={**runtime, "jobName": name, "nodes": 2, "rendezvousHost": "127.0.0.1", "rendezvousPort": free_port(), "peerHosts": PEER_HOSTS},
         **extra,
     )
 
@@ -131,7 +131,7 @@ def test_a_killed_sharded_run_resumes_with_the_same_loss_curve(
         pod.mkdir(parents=True)
         own = copy.deepcopy(config)
         own["runtime"] = {**own["runtime"], "workDir": str(pod / "work"), "terminationMessagePath": str(pod / "termination-log")}
-        env = trainer_env(s3_server, JOB_COMPLETION_INDEX=str(index), KUBETUNE_POD_IP=f"127.0.0.{index + 1}", KUBETUNE_POD_NAME=f"killed-trainer-{index}")
+        env = trainer_env(s3_server, JOB_COMPLETION_INDEX=str(index), KUBETUNE_POD_IP=pod_ip(index), KUBETUNE_POD_NAME=f"killed-trainer-{index}")
         processes.append(start_trainer(write_config(own, pod / "config.yaml"), env))
 
     def kill_all() -> None:
