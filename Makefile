@@ -26,7 +26,7 @@ $(SETUP_STAMP): $(SETUP_INPUTS)
 	rm -f $(VENV)/.setup-*
 	touch $@
 
-tools: ## Build (or reuse) etcd, kube-*, kubectl, kwok, helm and kueue from Go modules (first time: ~20 min on 2 cores).
+tools: ## Build (or reuse) etcd, kube-*, kubectl, kwok, helm and kueue from Go modules (first time: ~25 min on 2 cores).
 	bash hack/build-tools.sh
 
 # mypy silences errors in packages it reaches through an install, so the two installed dev packages are checked by name.

@@ -184,7 +184,7 @@ for tool in "${TOOLS[@]}"; do
   tool_complete "${tool}" || missing+=("${tool}")
 done
 if ((${#missing[@]} > 0)); then
-  echo "build-tools: building ${missing[*]} with ${go_version} into ${cache_root} (a first build takes about 20 minutes on 2 cores)" >&2
+  echo "build-tools: building ${missing[*]} with ${go_version} into ${cache_root} (a first build takes about 25 minutes on 2 cores)" >&2
 fi
 began=$(date +%s)
 index=0
