@@ -51,7 +51,7 @@ def test_suite_runs_against_a_cluster_named_by_kubeconfig(stack: KubetuneStack) 
     tests = [
         "tests/e2e/test_finetunejobs.py::test_cpu_lora_job_succeeds_with_adapter_in_s3",
         "tests/e2e/test_finetunejobs.py::test_killed_trainer_resumes_from_its_checkpoint",
-        "tests/e2e/test_finetunejobs.py::test_s3_outage_during_final_upload",
+        "tests/e2e/test_s3_outages.py::test_an_s3_outage_while_publishing_is_ridden_out_by_the_same_attempt",
         "tests/e2e/test_demo.py",
     ]
     argv = [sys.executable, "-m", "pytest", "-m", "e2e", "-q", "-rs", "-p", "no:cacheprovider", *tests]
@@ -60,7 +60,7 @@ def test_suite_runs_against_a_cluster_named_by_kubeconfig(stack: KubetuneStack) 
     assert result.returncode == 0, output[-6000:]
     summary = output.strip().splitlines()[-1]
     assert summary.startswith("2 passed, ") and "skipped" in summary and "failed" not in summary, output[-3000:]
-    assert "needs the local cluster's own parts" in output and "KUBETUNE_E2E_S3_SERVICE" in output, output[-3000:]
+    assert "needs the local cluster's own parts" in output, output[-3000:]
     jobs = stack.get_json("finetunejobs", "-n", "ml-external")["items"]
     assert {j["metadata"]["name"] for j in jobs} >= {"tiny-lora", "killed"}
     assert all(j["status"]["phase"] == "Succeeded" for j in jobs), [j["status"] for j in jobs]
