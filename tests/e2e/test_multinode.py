@@ -124,8 +124,11 @@ def test_a_rank_that_never_starts_fails_the_job_by_name(stack: Stack) -> None:
         assert status["phase"] == "Failed", json.dumps(status, indent=1)
         failed = condition(status, "Failed")
         assert failed is not None and failed["reason"] == "RendezvousTimeout", status
-        (running,) = [p for p in trainer_pods(stack, "gang-missing") if p["spec"].get("nodeName")]
-        missing = 1 - index_of(running)
+        pods = trainer_pods(stack, "gang-missing")
+        placed = {index_of(p) for p in pods if p["spec"].get("nodeName")}
+        unplaced = {0, 1} - placed
+        assert len(unplaced) == 1, [(p["metadata"]["name"], p["spec"].get("nodeName"), p["status"].get("phase")) for p in pods]
+        (missing,) = unplaced
         assert f"node rank {missing} (pod gang-missing-trainer-{missing})" in failed["message"], failed
         assert "joinTimeoutSeconds=20" in failed["message"]
     finally:
