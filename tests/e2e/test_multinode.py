@@ -124,7 +124,8 @@ def test_a_rank_that_never_starts_fails_the_job_by_name(stack: Stack) -> None:
         assert status["phase"] == "Failed", json.dumps(status, indent=1)
         failed = condition(status, "Failed")
         assert failed is not None and failed["reason"] == "RendezvousTimeout", status
-        pods = trainer_pods(stack, "gang-missing")
+        # The trainer Job's pods only (a preparation pod carries the same FinetuneJob label).
+        pods = [p for p in trainer_pods(stack, "gang-missing") if COMPLETION_INDEX_ANNOTATION in (p["metadata"].get("annotations") or {})]
         placed = {index_of(p) for p in pods if p["spec"].get("nodeName")}
         unplaced = {0, 1} - placed
         assert len(unplaced) == 1, [(p["metadata"]["name"], p["spec"].get("nodeName"), p["status"].get("phase")) for p in pods]
